@@ -1,0 +1,629 @@
+//! `pushgate-bench`: the end-to-end load bench.
+//!
+//! ```text
+//! pushgate-bench [--inprocess] [--devices N] [--rate R|max] [--duration S] [--batch B]
+//!                [--out result.json] [--svg latency.svg] …
+//! pushgate-bench --api URL --admin-token T --ca FILE --xmpp HOST:PORT [--edge-pid PID] …
+//! ```
+//!
+//! Phases: create an app whose webhook is the bench's local receiver, register N devices,
+//! connect N XMPP sessions (RSS before and after), send for `--duration` seconds, wait for
+//! the last receipts and webhook events, reconcile, report. A progress line goes to stderr
+//! every second; the summary to stdout. Exit code 0: reconciliation passed; 1: a message was
+//! lost, duplicated or misrouted; 2: the run could not be made.
+//!
+//! Why a program of its own rather than a `cargo bench`: it is pointed at running suites too,
+//! runs for minutes with progress, and several of it run side by side (`--device-offset`) when
+//! one process cannot hold the sessions.
+
+mod api;
+mod cli;
+mod load;
+mod report;
+mod svg;
+mod system;
+mod target;
+mod tracker;
+mod webhook;
+mod xmpp;
+
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use rand::RngCore;
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{ApiError, Login};
+use crate::cli::Args;
+use crate::report::RunResult;
+use crate::target::Target;
+use crate::tracker::{percentile, Errors, Percentiles, Tracker};
+
+/// Messages live long enough to be delivered in any run, short enough not to linger in a
+/// running suite that the bench leaves behind.
+const MESSAGE_TTL_SECS: u32 = 3600;
+/// Registration retries on 429/503 (a running suite's per-app rate limit).
+const REGISTER_ATTEMPTS: u32 = 8;
+/// Time for allocations to settle before RSS is read.
+const SETTLE: Duration = Duration::from_secs(2);
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match main_inner(args).await {
+        Ok(Outcome::Passed) => ExitCode::SUCCESS,
+        Ok(Outcome::Failed) => ExitCode::from(1),
+        Ok(Outcome::Interrupted) => ExitCode::from(2),
+        Err(e) => {
+            eprintln!("pushgate-bench: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn main_inner(args: Args) -> anyhow::Result<Outcome> {
+    args.validate()?;
+    let needed = system::files_needed(args.devices, args.in_process(), args.concurrency);
+    let open_files = system::ensure_open_files(needed, args.devices, args.in_process())?;
+    let load_start = system::load_average();
+    let target = Target::open(&args).await?;
+    // first ctrl-c: stop sending, still wait for what was accepted and report; second: give
+    // up waiting
+    let stop = Stop {
+        soft: CancellationToken::new(),
+        hard: CancellationToken::new(),
+    };
+    let s = stop.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("interrupted: sending stops; ctrl-c again to stop waiting for deliveries");
+            s.soft.cancel();
+        }
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("interrupted again: reporting and cleaning up now");
+            s.hard.cancel();
+        }
+    });
+    let outcome = run(&args, &target, &stop, open_files, load_start).await;
+    target.close().await;
+    match outcome {
+        Ok(_) if stop.soft.is_cancelled() => {
+            eprintln!("pushgate-bench: interrupted, the figures cover a partial run");
+            Ok(Outcome::Interrupted)
+        }
+        Ok(true) => Ok(Outcome::Passed),
+        Ok(false) => Ok(Outcome::Failed),
+        Err(e) => Err(e),
+    }
+}
+
+/// How a run ended, for the exit code.
+enum Outcome {
+    Passed,
+    Failed,
+    Interrupted,
+}
+
+/// Interruption: `soft` stops starting new work (registrations, logins, sends); `hard` also
+/// stops waiting for the deliveries of what was already accepted.
+#[derive(Clone)]
+struct Stop {
+    soft: CancellationToken,
+    hard: CancellationToken,
+}
+
+fn stamp(start: Instant) -> String {
+    format!("[{:>6.1}s]", start.elapsed().as_secs_f64())
+}
+
+async fn run(
+    args: &Args,
+    target: &Target,
+    stop: &Stop,
+    open_files: u64,
+    load_start: Option<[f64; 3]>,
+) -> anyhow::Result<bool> {
+    let t0 = Instant::now();
+    let sources = system::source_addresses(args.source_ips, args.devices, target.xmpp.ip())?;
+    let tracker = Arc::new(Tracker::default());
+    let errors = Arc::new(Errors::default());
+    let mut secret = [0u8; 24];
+    rand::thread_rng().fill_bytes(&mut secret);
+    let secret: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+    let receiver = webhook::Receiver::start(
+        &args.webhook_listen,
+        secret.clone(),
+        tracker.clone(),
+        errors.clone(),
+    )
+    .await?;
+    let (app_id, api_key) = target
+        .api
+        .create_app(&target.admin_token, &receiver.url, &secret)
+        .await
+        .context("creating the bench's app")?;
+    let api_key: Arc<str> = Arc::from(api_key.as_str());
+    eprintln!(
+        "{} {}; app {app_id}, webhook {}",
+        stamp(t0),
+        target.description,
+        receiver.url
+    );
+
+    // devices
+    let reg_start = Instant::now();
+    let logins = register(args, target, &api_key, &errors, &stop.soft, t0).await;
+    let registration_secs = reg_start.elapsed().as_secs_f64();
+    let registered = logins.iter().filter(|l| l.is_some()).count() as u32;
+    if stop.soft.is_cancelled() {
+        bail!("stopped during registration");
+    }
+    if registered == 0 {
+        bail!("no device could be registered: {:?}", errors.snapshot());
+    }
+
+    // sessions
+    tokio::time::sleep(SETTLE).await;
+    let rss_before = system::rss_kib(None);
+    let edge_before = target.edge_pid.and_then(|p| system::rss_kib(Some(p)));
+    // not tied to `stop`: after an interrupt the sessions still receive what was accepted
+    let sessions_stop = CancellationToken::new();
+    let shared = Arc::new(xmpp::Shared {
+        addr: target.xmpp,
+        tls: tokio_rustls::TlsConnector::from(target.tls.clone()),
+        server_name: target.server_name.clone(),
+        tracker: tracker.clone(),
+        stats: xmpp::SessionStats::default(),
+        stop: sessions_stop.clone(),
+    });
+    let connect_start = Instant::now();
+    let (bound, login_us, mut sessions) =
+        connect(args, &shared, logins, &sources, &errors, &stop.soft, t0).await;
+    let connect_secs = connect_start.elapsed().as_secs_f64();
+    if stop.soft.is_cancelled() {
+        sessions_stop.cancel();
+        while sessions.join_next().await.is_some() {}
+        bail!("stopped while connecting");
+    }
+    tokio::time::sleep(SETTLE).await;
+    let rss_after = system::rss_kib(None);
+    let edge_after = target.edge_pid.and_then(|p| system::rss_kib(Some(p)));
+    let bound_count = bound.len() as u32;
+    eprintln!(
+        "{} {bound_count} sessions bound in {connect_secs:.1} s; RSS {} -> {} KiB",
+        stamp(t0),
+        rss_before.unwrap_or(0),
+        rss_after.unwrap_or(0)
+    );
+
+    // load
+    tracker.begin();
+    let sent = Arc::new(load::Sent::default());
+    let plan = load::Plan {
+        rate: args.rate,
+        duration: Duration::from_secs(args.duration),
+        batch: args.batch,
+        concurrency: args.concurrency,
+        targets: Arc::new(bound),
+        offset: args.device_offset,
+        ttl_secs: MESSAGE_TTL_SECS,
+    };
+    let send_start = Instant::now();
+    let cpu = system::CpuWatch::start(&args.watch_pid);
+    let mut sender = tokio::spawn(load::run(
+        target.api.clone(),
+        api_key.clone(),
+        plan,
+        tracker.clone(),
+        errors.clone(),
+        sent.clone(),
+        stop.soft.clone(),
+    ));
+    let mut progress = Progress::new(t0);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            r = &mut sender => {
+                r.context("the sender failed")?;
+                break;
+            }
+            _ = tick.tick() => progress.line("send", &tracker, &shared, &sent, &errors),
+        }
+    }
+    let send_secs = send_start.elapsed().as_secs_f64();
+
+    // drain: the last receipts and webhook events
+    let drain_start = Instant::now();
+    let deadline = drain_start + Duration::from_secs(args.drain_timeout);
+    let mut check = tokio::time::interval(Duration::from_millis(100));
+    let mut ticks = 0u32;
+    while Instant::now() < deadline && !tracker.settled() {
+        tokio::select! {
+            _ = check.tick() => {
+                ticks += 1;
+                if ticks % 10 == 0 {
+                    progress.line("drain", &tracker, &shared, &sent, &errors);
+                }
+            }
+            _ = stop.hard.cancelled() => break,
+        }
+    }
+    let drain_secs = drain_start.elapsed().as_secs_f64();
+    let cpu = cpu.finish(send_start.elapsed().as_secs_f64());
+    let held_at_end = shared.stats.live.load(Ordering::Relaxed);
+    let dropped = shared.stats.dropped.load(Ordering::Relaxed);
+    let load_end = system::load_average();
+
+    // end the sessions before the suite stops, so the edge sees clean closes
+    sessions_stop.cancel();
+    let closing = async { while sessions.join_next().await.is_some() {} };
+    if tokio::time::timeout(Duration::from_secs(30), closing)
+        .await
+        .is_err()
+    {
+        eprintln!("warning: some sessions did not close within 30 s");
+    }
+
+    let analysis = tracker.analyse();
+    let mut all_errors = errors.snapshot();
+    if let Ok(e) = shared.stats.errors.lock() {
+        for (k, v) in e.iter() {
+            *all_errors.entry(k.clone()).or_default() += v;
+        }
+    }
+    let delivered = tracker.counters.delivered.load(Ordering::Relaxed);
+    let webhook_delivered = tracker.counters.webhook.load(Ordering::Relaxed);
+    let accepted = tracker.counters.accepted.load(Ordering::Relaxed);
+    // sustained: the lowest full second of sending, leaving out the first (ramp-up)
+    let full_seconds = send_secs.floor() as usize;
+    let steady = analysis
+        .per_second
+        .get(1..full_seconds.min(analysis.per_second.len()))
+        .unwrap_or(&[]);
+    let min_of = |f: fn(&tracker::SecondStats) -> u64| steady.iter().map(f).min();
+    let per_session = |before: Option<u64>, after: Option<u64>| match (before, after) {
+        (Some(b), Some(a)) if bound_count > 0 => {
+            Some((a as f64 - b as f64) * 1024.0 / f64::from(bound_count))
+        }
+        _ => None,
+    };
+    let in_process = target.in_process();
+    let result = RunResult {
+        date: time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default(),
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        interrupted: stop.soft.is_cancelled(),
+        target: target.description.clone(),
+        host: report::Host {
+            cores: system::cores(),
+            load_average_start: load_start,
+            load_average_end: load_end,
+            open_files_limit: open_files,
+        },
+        config: report::Config {
+            mode: if in_process { "inprocess" } else { "api" },
+            devices: args.devices,
+            device_offset: args.device_offset,
+            source_addresses: sources.iter().map(|a| a.to_string()).collect(),
+            rate: args.rate.per_sec(),
+            duration_secs: args.duration,
+            batch: args.batch,
+            concurrency: args.concurrency,
+            connect_concurrency: args.connect_concurrency,
+        },
+        sessions: report::Sessions {
+            requested: args.devices,
+            registered,
+            bound: bound_count,
+            login_failures: registered.saturating_sub(bound_count),
+            held_at_end,
+            dropped,
+            receipts_sent: shared.stats.receipts.load(Ordering::Relaxed),
+            registration_secs,
+            connect_phase_secs: connect_secs,
+            logins_per_sec: if connect_secs > 0.0 {
+                f64::from(bound_count) / connect_secs
+            } else {
+                0.0
+            },
+            login_time: Percentiles::of(&login_us),
+        },
+        memory: report::Memory {
+            scope: if in_process {
+                "in-process: the RSS growth holds the edge's sessions AND the bench's client \
+                 sessions (one process); see --api with --edge-pid for the split"
+                    .into()
+            } else {
+                "bench process: client sessions only; edge: --edge-pid process".into()
+            },
+            bench_rss_before_kib: rss_before,
+            bench_rss_after_kib: rss_after,
+            bench_bytes_per_session: per_session(rss_before, rss_after),
+            edge_rss_before_kib: edge_before,
+            edge_rss_after_kib: edge_after,
+            edge_bytes_per_session: per_session(edge_before, edge_after),
+        },
+        throughput: report::Throughput {
+            send_secs,
+            requests_ok: sent.requests_ok.load(Ordering::Relaxed),
+            requests_failed: sent.requests_failed.load(Ordering::Relaxed),
+            accepted,
+            accepted_per_sec: accepted as f64 / send_secs.max(1e-9),
+            delivered,
+            delivered_per_sec: analysis
+                .device_span_secs
+                .map_or(0.0, |s| delivered as f64 / s.max(send_secs)),
+            webhook_delivered,
+            webhook_per_sec: analysis
+                .webhook_span_secs
+                .map_or(0.0, |s| webhook_delivered as f64 / s.max(send_secs)),
+            min_accepted_per_sec: min_of(|s| s.accepted),
+            min_delivered_per_sec: min_of(|s| s.delivered),
+            min_webhook_per_sec: min_of(|s| s.webhook),
+            max_schedule_lag_ms: sent.max_lag_us.load(Ordering::Relaxed) as f64 / 1000.0,
+            requests_not_sent: sent.not_sent.load(Ordering::Relaxed),
+            drain_secs,
+        },
+        latency: report::Latency {
+            accept_to_delivered: Percentiles::of(&analysis.device_us),
+            accept_to_webhook: Percentiles::of(&analysis.webhook_us),
+            http_round_trip: Percentiles::of(&analysis.http_us),
+        },
+        cpu,
+        webhook_events: receiver.kinds(),
+        errors: all_errors,
+        reconciliation: analysis.reconciliation.clone(),
+        per_second: analysis.per_second.clone(),
+    };
+    print!("{}", result.summary());
+    if let Some(path) = &args.out {
+        let json = serde_json::to_string_pretty(&result)?;
+        std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("result written to {}", path.display());
+    }
+    if let Some(path) = &args.svg {
+        let title = format!(
+            "pushgate-bench: {} devices, {} msg/s for {} s, batch {} ({})",
+            args.devices,
+            args.rate.per_sec().map_or("max".into(), |r| format!("{r}")),
+            args.duration,
+            args.batch,
+            result.date
+        );
+        let doc = svg::render(
+            &title,
+            &analysis.device_us,
+            &analysis.webhook_us,
+            &analysis.per_second,
+        );
+        std::fs::write(path, doc).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("latency plot written to {}", path.display());
+    }
+    eprintln!("{} webhook batches received", receiver.batches());
+    Ok(result.reconciliation.ok)
+}
+
+/// Registers every device (bounded concurrency, retrying the suite's "slow down" answers);
+/// `None` where registration failed.
+async fn register(
+    args: &Args,
+    target: &Target,
+    key: &Arc<str>,
+    errors: &Arc<Errors>,
+    stop: &CancellationToken,
+    t0: Instant,
+) -> Vec<Option<Login>> {
+    let permits = Arc::new(Semaphore::new(args.register_concurrency));
+    let mut set = JoinSet::new();
+    for i in 0..args.devices {
+        let global = u64::from(args.device_offset) + u64::from(i);
+        let (api, key, permits) = (target.api.clone(), key.clone(), permits.clone());
+        set.spawn(async move {
+            let Ok(_permit) = permits.acquire_owned().await else {
+                return (i, Err(ApiError::Request("stopped".into())));
+            };
+            let (user, device) = (load::user_of(global), load::device_of(global));
+            let mut attempt = 1;
+            loop {
+                match api.register(&key, &user, &device).await {
+                    Err(ApiError::Status { status, .. })
+                        if (status == 429 || status == 503) && attempt < REGISTER_ATTEMPTS =>
+                    {
+                        attempt += 1;
+                        tokio::time::sleep(Duration::from_millis(250 * u64::from(attempt))).await;
+                    }
+                    r => return (i, r),
+                }
+            }
+        });
+    }
+    let mut out: Vec<Option<Login>> = vec![None; args.devices as usize];
+    let mut done = 0u32;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            r = set.join_next() => match r {
+                Some(Ok((i, Ok(login)))) => {
+                    done += 1;
+                    if let Some(slot) = out.get_mut(i as usize) {
+                        *slot = Some(login);
+                    }
+                }
+                Some(Ok((_, Err(e)))) => {
+                    done += 1;
+                    errors.add(format!("register-{}", e.kind()));
+                }
+                Some(Err(_)) => {
+                    done += 1;
+                    errors.add("register-task-failed");
+                }
+                None => break,
+            },
+            _ = tick.tick() => eprintln!(
+                "{} register  {done}/{} devices, errors {}",
+                stamp(t0),
+                args.devices,
+                errors.total()
+            ),
+            _ = stop.cancelled() => {
+                set.abort_all();
+                break;
+            }
+        }
+    }
+    out
+}
+
+/// Starts one session task per registered device and waits until each has logged in or
+/// failed. Returns the bound devices' local indexes, their login times (µs, sorted) and the
+/// session tasks.
+async fn connect(
+    args: &Args,
+    shared: &Arc<xmpp::Shared>,
+    logins: Vec<Option<Login>>,
+    sources: &[std::net::IpAddr],
+    errors: &Arc<Errors>,
+    stop: &CancellationToken,
+    t0: Instant,
+) -> (Vec<u32>, Vec<u64>, JoinSet<()>) {
+    let permits = Arc::new(Semaphore::new(args.connect_concurrency));
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut sessions = JoinSet::new();
+    let mut expected = 0usize;
+    for (i, login) in logins.into_iter().enumerate() {
+        let Some(login) = login else { continue };
+        let index = u32::try_from(i).unwrap_or(u32::MAX);
+        let global = usize::try_from(args.device_offset).unwrap_or(0) + i;
+        let source = if sources.is_empty() {
+            None
+        } else {
+            sources.get(global % sources.len()).copied()
+        };
+        let device = xmpp::Device {
+            index,
+            jid: login.jid,
+            password: login.password,
+            source,
+        };
+        sessions.spawn(xmpp::run(
+            shared.clone(),
+            device,
+            permits.clone(),
+            tx.clone(),
+        ));
+        expected += 1;
+    }
+    drop(tx);
+    let start = Instant::now();
+    let mut bound = Vec::with_capacity(expected);
+    let mut times = Vec::with_capacity(expected);
+    let mut failed = 0usize;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    while bound.len() + failed < expected {
+        tokio::select! {
+            o = rx.recv() => match o {
+                Some((i, Ok(took))) => {
+                    bound.push(i);
+                    times.push(u64::try_from(took.as_micros()).unwrap_or(u64::MAX));
+                }
+                Some((_, Err(kind))) => {
+                    failed += 1;
+                    errors.add(format!("login-{kind}"));
+                }
+                None => break,
+            },
+            _ = tick.tick() => {
+                let secs = start.elapsed().as_secs_f64();
+                eprintln!(
+                    "{} connect   {}/{expected} bound, {failed} failed, {:.0} logins/s, {} live",
+                    stamp(t0),
+                    bound.len(),
+                    bound.len() as f64 / secs.max(1e-9),
+                    shared.stats.live.load(Ordering::Relaxed),
+                );
+            }
+            _ = stop.cancelled() => break,
+        }
+    }
+    times.sort_unstable();
+    (bound, times, sessions)
+}
+
+/// The once-a-second progress line of the sending and draining phases.
+struct Progress {
+    t0: Instant,
+    last: Instant,
+    prev: (u64, u64, u64),
+}
+
+impl Progress {
+    fn new(t0: Instant) -> Self {
+        Progress {
+            t0,
+            last: Instant::now(),
+            prev: (0, 0, 0),
+        }
+    }
+
+    fn line(
+        &mut self,
+        phase: &str,
+        tracker: &Tracker,
+        shared: &xmpp::Shared,
+        sent: &load::Sent,
+        errors: &Errors,
+    ) {
+        let c = &tracker.counters;
+        let now = (
+            c.accepted.load(Ordering::Relaxed),
+            c.delivered.load(Ordering::Relaxed),
+            c.webhook.load(Ordering::Relaxed),
+        );
+        let secs = self.last.elapsed().as_secs_f64().max(1e-9);
+        self.last = Instant::now();
+        let rate = |a: u64, b: u64| (a.saturating_sub(b)) as f64 / secs;
+        let (mut d, mut w) = tracker.take_recent();
+        d.sort_unstable();
+        w.sort_unstable();
+        let ms = |v: &[u64], q: f64| {
+            percentile(v, q).map_or_else(
+                || "-".to_string(),
+                |us| format!("{:.1}", us as f64 / 1000.0),
+            )
+        };
+        eprintln!(
+            "{} {phase:<8} sessions {}  accepted {} ({:.0}/s)  delivered {} ({:.0}/s)  webhook {} ({:.0}/s)  in flight {}  p50/p99 ms: delivered {}/{} webhook {}/{}  errors {}",
+            stamp(self.t0),
+            shared.stats.live.load(Ordering::Relaxed),
+            now.0,
+            rate(now.0, self.prev.0),
+            now.1,
+            rate(now.1, self.prev.1),
+            now.2,
+            rate(now.2, self.prev.2),
+            sent.in_flight.load(Ordering::Relaxed),
+            ms(&d, 0.5),
+            ms(&d, 0.99),
+            ms(&w, 0.5),
+            ms(&w, 0.99),
+            errors.total(),
+        );
+        self.prev = now;
+    }
+}

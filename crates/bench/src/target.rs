@@ -1,0 +1,158 @@
+//! The suite under test: started in this process (fresh namespace, removed afterwards), or a
+//! running one reached by its API and XMPP addresses.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use pushgate::{Suite, SuiteSettings};
+use pushgate_bus::Bus;
+use pushgate_runtime::Metrics;
+use pushgate_store::Store;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName};
+
+use crate::api::Api;
+use crate::cli::Args;
+
+/// Timeout of one HTTP request; a send that takes longer counts as an error.
+const HTTP_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Where the suite is and how to talk to it.
+pub struct Target {
+    pub api: Arc<Api>,
+    pub admin_token: String,
+    pub xmpp: SocketAddr,
+    pub tls: Arc<rustls::ClientConfig>,
+    pub server_name: ServerName<'static>,
+    /// Process whose RSS counts as the edge's (`None`: this process).
+    pub edge_pid: Option<u32>,
+    pub description: String,
+    local: Option<Local>,
+}
+
+struct Local {
+    suite: Suite,
+    bus: Bus,
+    store: Store,
+}
+
+fn client_config(roots: rustls::RootCertStore) -> Arc<rustls::ClientConfig> {
+    Arc::new(
+        rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
+impl Target {
+    /// Starts or reaches the suite, as the arguments say.
+    pub async fn open(args: &Args) -> anyhow::Result<Self> {
+        pushgate_runtime::tls::install_crypto_provider();
+        match &args.api {
+            None => Self::start_local(args).await,
+            Some(api) => Self::remote(args, api).await,
+        }
+    }
+
+    async fn start_local(args: &Args) -> anyhow::Result<Self> {
+        let namespace = pushgate_testkit::unique_namespace();
+        let nats = args.nats.clone().unwrap_or_else(pushgate_testkit::nats_url);
+        let mut s = pushgate_testkit::suite_settings(&namespace, &nats)?;
+        if let Some(redis) = &args.redis {
+            s.common.redis_url = redis.clone();
+        }
+        // the bench sets the pace; the per-app request limit would cap it at 1000 requests/s
+        s.ingress.rate_limit_per_app = 0;
+        // the test settings shorten webhook batching and the router clock for fast tests;
+        // measure with the production defaults instead
+        let defaults = SuiteSettings::default();
+        s.webhook.max_delay_ms = defaults.webhook.max_delay_ms;
+        s.webhook.initial_backoff_ms = defaults.webhook.initial_backoff_ms;
+        s.router.clock_tick_ms = defaults.router.clock_tick_ms;
+        let bus = Bus::connect(&nats, &namespace)
+            .await
+            .with_context(|| format!("NATS at {nats} (start it with scripts/up.sh)"))?;
+        let store = Store::connect(&s.common.redis_url, &namespace)
+            .await
+            .with_context(|| format!("Redis at {}", s.common.redis_url))?;
+        let suite = Suite::start(s.clone(), bus.clone(), store.clone(), Metrics::new())
+            .await
+            .context("starting the suite in-process")?;
+        let api = Arc::new(Api::new(
+            pushgate_testkit::http_client()?,
+            &format!("https://localhost:{}", suite.addresses.api.port()),
+        ));
+        let roots = Arc::unwrap_or_clone(pushgate_testkit::root_store()?);
+        let name = args.tls_name.clone().unwrap_or_else(|| "localhost".into());
+        Ok(Target {
+            api,
+            admin_token: pushgate_testkit::ADMIN_TOKEN.to_string(),
+            xmpp: suite.addresses.xmpp_starttls,
+            tls: client_config(roots),
+            server_name: ServerName::try_from(name.clone())
+                .with_context(|| format!("{name:?} is not a TLS server name"))?,
+            edge_pid: None,
+            description: format!("in-process suite, namespace {namespace}, NATS {nats}"),
+            local: Some(Local { suite, bus, store }),
+        })
+    }
+
+    async fn remote(args: &Args, api: &str) -> anyhow::Result<Self> {
+        let (Some(token), Some(ca), Some(xmpp)) = (&args.admin_token, &args.ca, &args.xmpp) else {
+            bail!("--api needs --admin-token, --ca and --xmpp");
+        };
+        let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(&pem) {
+            roots
+                .add(c.with_context(|| format!("{} is not PEM certificates", ca.display()))?)
+                .context("adding the CA")?;
+        }
+        let http = reqwest::Client::builder()
+            .tls_certs_only([reqwest::Certificate::from_pem(&pem)?])
+            .timeout(HTTP_TIMEOUT)
+            .build()?;
+        let addr = tokio::net::lookup_host(xmpp.as_str())
+            .await
+            .with_context(|| format!("resolving {xmpp}"))?
+            .next()
+            .with_context(|| format!("{xmpp} resolves to nothing"))?;
+        let host = match xmpp.rsplit_once(':') {
+            Some((h, _)) => h.trim_start_matches('[').trim_end_matches(']').to_string(),
+            None => bail!("--xmpp must be HOST:PORT"),
+        };
+        let name = args.tls_name.clone().unwrap_or(host);
+        Ok(Target {
+            api: Arc::new(Api::new(http, api)),
+            admin_token: token.clone(),
+            xmpp: addr,
+            tls: client_config(roots),
+            server_name: ServerName::try_from(name.clone())
+                .with_context(|| format!("{name:?} is not a TLS server name"))?,
+            edge_pid: args.edge_pid,
+            description: format!("running suite at {api}, XMPP {addr}"),
+            local: None,
+        })
+    }
+
+    /// Whether the suite runs in this process.
+    pub fn in_process(&self) -> bool {
+        self.local.is_some()
+    }
+
+    /// Stops an in-process suite and removes its namespace's streams and keys; a running
+    /// suite is left as it is (the bench's app and devices stay in it).
+    pub async fn close(self) {
+        if let Some(l) = self.local {
+            l.suite.stop().await;
+            if let Err(e) = l.bus.delete_namespace().await {
+                eprintln!("warning: cannot delete the bench's NATS streams: {e}");
+            }
+            if let Err(e) = l.store.delete_namespace().await {
+                eprintln!("warning: cannot delete the bench's Redis keys: {e}");
+            }
+        }
+    }
+}

@@ -1,0 +1,118 @@
+//! Request extractors: JSON bodies with field-level errors, and the two kinds of bearer
+//! credentials (operator admin token, app API key).
+
+use std::sync::Arc;
+
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::header;
+use axum::http::request::Parts;
+use serde::de::DeserializeOwned;
+use subtle::ConstantTimeEq;
+
+use crate::error::ApiError;
+use crate::Ctx;
+
+/// A JSON body. Malformed JSON and schema violations name the offending field
+/// (`recipients[2].user_id`); oversized bodies are refused with 413, never truncated.
+pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned> FromRequest<Arc<Ctx>> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &Arc<Ctx>) -> Result<Self, Self::Rejection> {
+        let ct = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let mime = ct
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        if mime != "application/json"
+            && !(mime.starts_with("application/") && mime.ends_with("+json"))
+        {
+            return Err(ApiError::UnsupportedMediaType);
+        }
+        let limit = state.settings.max_body_bytes;
+        let bytes = axum::body::to_bytes(req.into_body(), limit)
+            .await
+            .map_err(|_| ApiError::TooLarge { limit })?;
+        parse_json(&bytes).map(ApiJson)
+    }
+}
+
+/// Parses JSON, reporting the path of the first offending field.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let field = if path == "." || path.is_empty() {
+            None
+        } else {
+            Some(path)
+        };
+        ApiError::MalformedJson {
+            field,
+            detail: inner.to_string(),
+        }
+    })
+}
+
+fn bearer(parts: &Parts) -> Option<&str> {
+    let v = parts.headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(token.trim())
+}
+
+/// The operator, authenticated by the admin token from the configuration.
+pub struct Admin;
+
+impl FromRequestParts<Arc<Ctx>> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<Ctx>,
+    ) -> Result<Self, Self::Rejection> {
+        let token = bearer(parts).ok_or(ApiError::Unauthorized)?;
+        let want = state.settings.admin_token.as_bytes();
+        if !want.is_empty() && bool::from(token.as_bytes().ct_eq(want)) {
+            Ok(Admin)
+        } else {
+            Err(ApiError::Unauthorized)
+        }
+    }
+}
+
+/// A backend, authenticated by its app's API key; everything it does is scoped to `app_id`.
+pub struct AppAuth {
+    pub app_id: String,
+}
+
+impl FromRequestParts<Arc<Ctx>> for AppAuth {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<Ctx>,
+    ) -> Result<Self, Self::Rejection> {
+        let token = bearer(parts).ok_or(ApiError::Unauthorized)?;
+        if token.len() > 200 {
+            return Err(ApiError::Unauthorized);
+        }
+        let hash = pushgate_core::credentials::sha256_hex(token.as_bytes());
+        match state.store.app_for_key(&hash).await? {
+            Some(app_id) => {
+                state.check_rate(&app_id).await?;
+                Ok(AppAuth { app_id })
+            }
+            None => Err(ApiError::Unauthorized),
+        }
+    }
+}

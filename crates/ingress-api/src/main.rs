@@ -1,0 +1,32 @@
+//! The ingress-api binary: configuration and signals around [`ingress_api::Service`].
+
+use anyhow::Context;
+use ingress_api::{Service, Settings};
+use pushgate_bus::Bus;
+use pushgate_runtime::{service, telemetry, Metrics};
+use pushgate_store::Store;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let settings: Settings = pushgate_runtime::load(service::config_path().as_deref())?;
+    settings.common.validate()?;
+    settings.ingress.validate()?;
+    let _guard = telemetry::init(&settings.common.telemetry)?;
+    let c = &settings.common;
+    let bus = Bus::connect_with(&c.nats_url, &c.namespace, c.nats_replicas)
+        .await
+        .context("connecting to NATS")?;
+    let store = Store::connect(&c.redis_url, &c.namespace)
+        .await
+        .context("connecting to Redis")?;
+    let svc = Service::build(
+        settings.common.clone(),
+        settings.ingress.clone(),
+        bus,
+        store,
+        Metrics::new(),
+    )
+    .await?;
+    svc.run_until(service::shutdown_on_signal()).await;
+    Ok(())
+}

@@ -1,0 +1,181 @@
+//! Lua scripts for the state changes that must be atomic.
+//!
+//! Every status change goes through `apply`, defined once in [`PRELUDE`]: it checks the move
+//! against the transition table generated from [`pushgate_core::Status::next`], writes the
+//! status, appends the history entry, and puts the resulting event into the event outbox — all
+//! in one Redis step. That is what makes "delivered or expired, never both" hold with any
+//! number of routers and edges racing: whichever script runs first wins, the other is refused
+//! and reports nothing.
+
+use pushgate_core::Status;
+
+/// Builds the Lua table `T[from][to] = true` from the core status machine.
+fn transition_table_lua() -> String {
+    let mut s = String::from("local T = {\n");
+    for (from, tos) in Status::transition_table() {
+        s.push_str(&format!("  {from} = {{"));
+        for to in tos {
+            s.push_str(&format!("{to} = true, "));
+        }
+        s.push_str("},\n");
+    }
+    s.push_str("}\n");
+    s
+}
+
+/// Shared Lua: transition table and the `apply` function.
+///
+/// `apply(mkey, hkey, evtkey, expkey, cmdkey, pending_root, id, to, at_ms, at_txt, channel,
+/// device, detail, purpose)` returns `{code, current_status, event_json}` where code is
+/// 0 refused, 1 applied, 2 noted (a second device confirmed an already delivered message).
+const PRELUDE_BODY: &str = r#"
+local function apply(mkey, hkey, evtkey, expkey, cmdkey, pending_root, id, to, at_ms, at_txt, channel, device, detail, purpose)
+  local cur = redis.call('HGET', mkey, 'status')
+  if not cur then return {0, '', ''} end
+  local app = redis.call('HGET', mkey, 'app')
+  if not (T[cur] and T[cur][to]) then
+    if device ~= '' and (to == 'delivered' or to == 'read') and (cur == 'delivered' or cur == 'read') then
+      -- another device of the user got it too: keep the per-device detail, report nothing
+      redis.call('ZREM', pending_root .. app .. ':' .. device, id)
+      local h = {status = to, at = tonumber(at_ms), device_id = device}
+      if channel ~= '' then h.channel = channel end
+      h.detail = 'also ' .. to .. ' on this device'
+      redis.call('RPUSH', hkey, cjson.encode(h))
+      return {2, cur, ''}
+    end
+    return {0, cur, ''}
+  end
+  local seq = redis.call('HINCRBY', mkey, 'seq', 1)
+  redis.call('HSET', mkey, 'status', to)
+  if channel ~= '' then redis.call('HSET', mkey, 'channel', channel) end
+  local h = {status = to, at = tonumber(at_ms)}
+  if channel ~= '' then h.channel = channel end
+  if device ~= '' then h.device_id = device end
+  if detail ~= '' then h.detail = detail end
+  redis.call('RPUSH', hkey, cjson.encode(h))
+  if to == 'delivered' or to == 'read' or to == 'expired' or to == 'cancelled' or to == 'failed' then
+    redis.call('ZREM', expkey, id)
+  end
+  if to == 'expired' or to == 'cancelled' or to == 'failed' then
+    local targets = redis.call('HGET', mkey, 'targets')
+    if targets then
+      for dev in string.gmatch(targets, '[^,]+') do
+        redis.call('ZREM', pending_root .. app .. ':' .. dev, id)
+      end
+    end
+  end
+  if (to == 'delivered' or to == 'read') and device ~= '' then
+    redis.call('ZREM', pending_root .. app .. ':' .. device, id)
+  end
+  local ev = {id = id .. '.' .. seq, event = to, message_id = id, at = at_txt}
+  local foreign = redis.call('HGET', mkey, 'foreign')
+  if foreign and foreign ~= '' then ev.foreign_id = foreign end
+  local user = redis.call('HGET', mkey, 'user')
+  if user and user ~= '' then ev.user_id = user end
+  if device ~= '' then ev.device_id = device end
+  if channel ~= '' then ev.channel = channel end
+  if detail ~= '' then ev.detail = detail end
+  local evj = cjson.encode({app_id = app, seq = seq, event = ev})
+  redis.call('ZADD', evtkey, at_ms, evj)
+  if purpose ~= '' then redis.call('ZADD', cmdkey, at_ms, id .. '|' .. purpose) end
+  return {1, to, evj}
+end
+"#;
+
+/// One status change of one message.
+///
+/// KEYS: msg, history, outbox:evt, expiry, outbox:cmd.
+/// ARGV: pending_root, id, to, at_ms, at_txt, channel, device, detail, purpose.
+const TRANSITION_BODY: &str = r#"
+return apply(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9])
+"#;
+
+/// Expires due messages, at most `limit` per call.
+///
+/// KEYS: expiry, outbox:evt, outbox:cmd.
+/// ARGV: now_ms, now_txt, limit, msg_prefix, history_prefix, pending_root.
+/// Returns a flat list of event JSON for the messages it expired.
+const EXPIRE_DUE_BODY: &str = r#"
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+local out = {}
+for _, id in ipairs(due) do
+  redis.call('ZREM', KEYS[1], id)
+  local r = apply(ARGV[4] .. id, ARGV[5] .. id, KEYS[2], KEYS[1], KEYS[3], ARGV[6], id, 'expired', ARGV[1], ARGV[2], '', '', 'time to live elapsed', 'expired')
+  if r[1] == 1 then table.insert(out, r[3]) end
+end
+return out
+"#;
+
+/// Moves due scheduled messages to `enqueued`, at most `limit` per call.
+///
+/// KEYS: schedule, outbox:evt, outbox:cmd, expiry.
+/// ARGV: now_ms, now_txt, limit, msg_prefix, history_prefix, pending_root.
+/// Returns a flat list of event JSON; each released message also gets a `route` command in
+/// the command outbox.
+const RELEASE_DUE_BODY: &str = r#"
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+local out = {}
+for _, id in ipairs(due) do
+  redis.call('ZREM', KEYS[1], id)
+  local r = apply(ARGV[4] .. id, ARGV[5] .. id, KEYS[2], KEYS[4], KEYS[3], ARGV[6], id, 'enqueued', ARGV[1], ARGV[2], '', '', '', 'route')
+  if r[1] == 1 then table.insert(out, r[3]) end
+end
+return out
+"#;
+
+/// Deletes a key only if it still holds the given value (presence hand-over, locks).
+pub const COMPARE_AND_DELETE: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"#;
+
+/// Sets a key only if it holds the expected value ('' = absent). Returns 1 when set.
+pub const COMPARE_AND_SET: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+if (cur or '') ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2])
+return 1
+"#;
+
+/// Records `ARGV[1]` as the newest message of a collapse key unless a newer one is there.
+/// Message ids are UUIDv7, so text order is acceptance order. Returns the id that must give
+/// way: the previous holder, or `ARGV[1]` itself when it is the older one ('' when none).
+/// KEYS: collapse key. ARGV: message id, TTL ms.
+pub const COLLAPSE_CLAIM: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+if cur == ARGV[1] then return '' end
+if (not cur) or cur < ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return cur or ''
+end
+return ARGV[1]
+"#;
+
+/// The full source of the status transition script.
+pub fn transition() -> String {
+    format!("{}{PRELUDE_BODY}{TRANSITION_BODY}", transition_table_lua())
+}
+
+/// The full source of the expiry script.
+pub fn expire_due() -> String {
+    format!("{}{PRELUDE_BODY}{EXPIRE_DUE_BODY}", transition_table_lua())
+}
+
+/// The full source of the schedule release script.
+pub fn release_due() -> String {
+    format!("{}{PRELUDE_BODY}{RELEASE_DUE_BODY}", transition_table_lua())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_lists_every_status() {
+        let t = transition_table_lua();
+        for s in Status::ALL {
+            assert!(t.contains(&format!("  {} = {{", s.as_str())), "{s} missing");
+        }
+        assert!(t.contains("delivered = {read = true, }"));
+    }
+}
