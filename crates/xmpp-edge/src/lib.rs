@@ -8,6 +8,7 @@
 //! until the device confirms it (XEP-0184 receipt or XEP-0198 ack). A dropped connection or a
 //! crashed edge therefore loses nothing: the next session drains the pending queue.
 
+pub mod mailbox;
 pub mod sasl;
 pub mod session;
 /// The bounded stream parser (crate `pushgate-xmpp`).
@@ -209,7 +210,7 @@ pub enum SessionCmd {
 
 /// A live session as the registry knows it.
 pub struct SessionHandle {
-    tx: tokio::sync::mpsc::Sender<SessionCmd>,
+    tx: mailbox::Sender<SessionCmd>,
     app_id: String,
     device_id: String,
     /// Set when a hand-over did not fit the session's queue: the session re-reads its
@@ -218,7 +219,7 @@ pub struct SessionHandle {
 }
 
 impl SessionHandle {
-    fn new(tx: tokio::sync::mpsc::Sender<SessionCmd>, d: &Device) -> Self {
+    fn new(tx: mailbox::Sender<SessionCmd>, d: &Device) -> Self {
         SessionHandle {
             tx,
             app_id: d.app_id.clone(),
@@ -608,7 +609,7 @@ async fn deliver_loop(
                     Some(h) if h.device_id == d.device_id && h.app_id == d.message.app_id => {
                         match h.tx.try_send(SessionCmd::Deliver(Box::new(d.message))) {
                             Ok(()) => EdgeDeliverReply::Accepted,
-                            Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
+                            Err(mailbox::TrySendError::Full) => {
                                 // it is in the pending queue; the session picks it up when it has room
                                 h.needs_drain
                                     .store(true, std::sync::atomic::Ordering::Release);

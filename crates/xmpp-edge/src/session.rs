@@ -16,11 +16,10 @@ use pushgate_core::{Device, Message, Status};
 use pushgate_store::{Change, Transition};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, WriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 
 use crate::sasl::{self, SaslError};
 use crate::xml::{escape, Element, StanzaReader, XmlError, XmlEvent};
-use crate::{Edge, SessionCmd, SessionHandle};
+use crate::{mailbox, Edge, SessionCmd, SessionHandle};
 
 const NS_CLIENT: &str = "jabber:client";
 const NS_TLS: &str = "urn:ietf:params:xml:ns:xmpp-tls";
@@ -1052,7 +1051,7 @@ where
 {
     let session_id = new_id();
     let presence_value = format!("{}/{}", edge.edge_id, session_id);
-    let (tx, mut rx) = mpsc::channel::<SessionCmd>(edge.settings.session_queue);
+    let (tx, mut rx) = mailbox::bounded::<SessionCmd>(edge.settings.session_queue);
     let handle = SessionHandle::new(tx, &device);
     let needs_drain = handle.needs_drain.clone();
     edge.register(&session_id, handle);
@@ -1071,7 +1070,7 @@ where
     let full_jid = format!("{}@{}/{}", device.jid_local, edge.domain, resource);
     let mut live = Live {
         edge: edge.clone(),
-        device: device.clone(),
+        device,
         session_id: session_id.clone(),
         full_jid,
         w,
@@ -1112,20 +1111,7 @@ where
         live.save_resume_state().await?;
         live.drain_once().await?;
     }
-    // input is parsed by its own task, so waiting for it is cancel-safe in the select below
-    let (in_tx, mut in_rx) = mpsc::channel::<Result<XmlEvent, XmlError>>(8);
-    let reader_task = tokio::spawn(async move {
-        let mut reader = reader;
-        loop {
-            let ev = reader.next().await;
-            let stop = ev.is_err();
-            if in_tx.send(ev).await.is_err() || stop {
-                break;
-            }
-        }
-    });
-    let result = session_loop(&mut live, &mut rx, &mut in_rx, &needs_drain).await;
-    reader_task.abort();
+    let result = session_loop(&mut live, &mut rx, reader, &needs_drain).await;
     // keep what a resumption needs (unless the stream ended for good), before this session
     // stops counting as live, so a quick resume finds it
     if live.sm_id.is_some() {
@@ -1147,7 +1133,12 @@ where
     edge.metrics.xmpp_sessions.dec();
     if let Err(e) = edge
         .store
-        .clear_presence(&device.app_id, &device.device_id, &presence_value, now_ms())
+        .clear_presence(
+            &live.device.app_id,
+            &live.device.device_id,
+            &presence_value,
+            now_ms(),
+        )
         .await
     {
         tracing::warn!(error = %e, "cannot clear presence; it expires with the edge lease");
@@ -1155,57 +1146,88 @@ where
     result
 }
 
-async fn session_loop<W: AsyncRead + AsyncWrite + Unpin>(
+/// Reads the next event, giving the reader back with it. Owning the reader makes waiting for
+/// input cancel-safe inside `select!` without a task and a channel of its own per session
+/// (the future lives across loop turns and is only replaced once it has finished).
+async fn read_next<R: AsyncRead + Unpin>(
+    mut reader: StanzaReader<R>,
+) -> (StanzaReader<R>, Result<XmlEvent, XmlError>) {
+    let ev = reader.next().await;
+    (reader, ev)
+}
+
+async fn session_loop<R, W>(
     live: &mut Live<W>,
-    rx: &mut mpsc::Receiver<SessionCmd>,
-    in_rx: &mut mpsc::Receiver<Result<XmlEvent, XmlError>>,
+    rx: &mut mailbox::Receiver<SessionCmd>,
+    reader: StanzaReader<R>,
     needs_drain: &Arc<std::sync::atomic::AtomicBool>,
-) -> Result<(), SessionError> {
+) -> Result<(), SessionError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncRead + AsyncWrite + Unpin,
+{
     let bound_at = Instant::now();
     let ping_every = live.edge.settings.ping_interval();
     let mut last_input = Instant::now();
     let mut ping_sent: Option<Instant> = None;
-    let mut tick = tokio::time::interval(Duration::from_secs(1).min(ping_every));
+    let mut reading = std::pin::pin!(read_next(reader));
+    let timer = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(timer);
     loop {
+        // An idle session sleeps until its next keep-alive ping is due; only a session with
+        // work in progress (backlog not drained yet, messages awaiting acks, a CSI batch, a
+        // ping awaiting its answer, a hand-over that did not fit) looks again every second.
+        // With 100,000 sessions per edge a fixed one-second tick alone would be 100,000
+        // wake-ups per second doing nothing.
+        let busy = !live.drained
+            || ping_sent.is_some()
+            || live.held_since.is_some()
+            || needs_drain.load(Ordering::Acquire)
+            || (live.sm && live.unacked.iter().any(|(_, m)| m.is_some()));
+        let wake = if busy {
+            Instant::now() + Duration::from_secs(1).min(ping_every)
+        } else {
+            last_input + ping_every
+        };
+        timer.as_mut().reset(wake.into());
         tokio::select! {
-            ev = in_rx.recv() => {
+            (r, ev) = &mut reading => {
+                reading.set(read_next(r));
                 last_input = Instant::now();
                 ping_sent = None;
                 match ev {
-                    Some(Ok(XmlEvent::Stanza(el))) => {
+                    Ok(XmlEvent::Stanza(el)) => {
                         if !live.on_stanza(el).await? {
                             return Ok(());
                         }
                     }
-                    Some(Ok(XmlEvent::StreamClose)) => {
+                    Ok(XmlEvent::StreamClose) => {
                         live.final_end = true;
                         let _ = live.write("</stream:stream>").await;
                         return Ok(());
                     }
-                    Some(Ok(XmlEvent::StreamOpen(_))) => {
+                    Ok(XmlEvent::StreamOpen(_)) => {
                         return Err(fail(&mut live.w, "invalid-xml", "unexpected stream header").await);
                     }
-                    Some(Err(e)) => {
+                    Err(e) => {
                         return Err(match e.condition() {
                             Some(c) => fail(&mut live.w, c, &e.to_string()).await,
                             None => e.into(),
                         });
                     }
-                    None => return Ok(()),
                 }
             }
             cmd = rx.recv() => match cmd {
-                Some(SessionCmd::Deliver(m)) => live.deliver(*m).await?,
-                Some(SessionCmd::Retract(id)) => live.retract(&id).await?,
-                Some(SessionCmd::Close(cond, text)) => {
+                SessionCmd::Deliver(m) => live.deliver(*m).await?,
+                SessionCmd::Retract(id) => live.retract(&id).await?,
+                SessionCmd::Close(cond, text) => {
                     // replaced by a new login, or the device left its user: never resumable;
                     // a server shutdown is (on another edge)
                     live.final_end = cond != "system-shutdown";
                     return Err(fail(&mut live.w, cond, &text).await);
                 }
-                None => return Ok(()),
             },
-            _ = tick.tick() => {
+            _ = &mut timer => {
                 if !live.drained && bound_at.elapsed() >= DRAIN_GRACE {
                     live.drain_once().await?;
                 }

@@ -15,7 +15,7 @@ use std::task::{Context, Poll};
 use quick_xml::events::{BytesStart, Event};
 use quick_xml::name::ResolveResult;
 use quick_xml::NsReader;
-use tokio::io::{AsyncRead, BufReader, ReadBuf};
+use tokio::io::{AsyncBufRead, AsyncRead, ReadBuf};
 
 /// XML namespace of the stream element.
 pub const NS_STREAM: &str = "http://etherx.jabber.org/streams";
@@ -157,12 +157,97 @@ impl<R: AsyncRead + Unpin> AsyncRead for Budget<R> {
     }
 }
 
-/// Read buffer size: small, since most stanzas are small and idle sessions should be cheap.
+/// Scratch space for one XML event that is kept between stanzas; more is freed.
+const SCRATCH_KEEP: usize = 512;
+
+/// Largest single read from the socket. Reads go through a stack buffer of this size, so it
+/// costs nothing per idle connection.
 const READ_BUF: usize = 2048;
+
+/// A buffered reader that holds heap memory only while it has unconsumed bytes.
+///
+/// `tokio::io::BufReader` keeps its buffer for the connection's whole life, which for an
+/// edge holding tens of thousands of idle sessions is kilobytes per device doing nothing. Here
+/// each read lands in a stack buffer first; only what actually arrived is copied to the heap,
+/// and that copy is freed as soon as the parser has consumed it. A session waiting for input
+/// therefore holds no read buffer at all.
+pub struct LazyBuf<R> {
+    inner: R,
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+impl<R> LazyBuf<R> {
+    fn new(inner: R) -> Self {
+        LazyBuf {
+            inner,
+            buf: Vec::new(),
+            pos: 0,
+        }
+    }
+
+    /// Bytes received and not yet parsed.
+    pub fn buffered(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
+    fn get_mut(&mut self) -> &mut R {
+        &mut self.inner
+    }
+
+    fn into_inner(self) -> R {
+        self.inner
+    }
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for LazyBuf<R> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.buffered() == 0 {
+            return Pin::new(&mut self.inner).poll_read(cx, out);
+        }
+        let n = self.buffered().min(out.remaining());
+        let start = self.pos;
+        out.put_slice(&self.buf[start..start + n]);
+        self.consume(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<R: AsyncRead + Unpin> AsyncBufRead for LazyBuf<R> {
+    fn poll_fill_buf(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<&[u8]>> {
+        let this = self.get_mut();
+        if this.pos >= this.buf.len() {
+            let mut tmp = [0u8; READ_BUF];
+            let mut rb = ReadBuf::new(&mut tmp);
+            match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => {
+                    this.buf = rb.filled().to_vec();
+                    this.pos = 0;
+                }
+            }
+        }
+        Poll::Ready(Ok(&this.buf[this.pos..]))
+    }
+
+    fn consume(mut self: Pin<&mut Self>, amt: usize) {
+        self.pos = (self.pos + amt).min(self.buf.len());
+        if self.pos >= self.buf.len() {
+            // everything parsed: give the memory back while the peer is quiet
+            self.buf = Vec::new();
+            self.pos = 0;
+        }
+    }
+}
 
 /// Stanza reader over one XML stream (a stream restart makes a new one from `into_inner`).
 pub struct StanzaReader<R> {
-    reader: NsReader<BufReader<Budget<R>>>,
+    reader: NsReader<LazyBuf<Budget<R>>>,
     limits: Limits,
     buf: Vec<u8>,
     stack: Vec<Element>,
@@ -184,10 +269,10 @@ impl<R: AsyncRead + Unpin> StanzaReader<R> {
     /// A reader at the start of a stream.
     pub fn new(inner: R, limits: Limits) -> Self {
         let budget = Budget::new(inner, limits.max_stanza_bytes + READ_BUF);
-        Self::from_buffered(BufReader::with_capacity(READ_BUF, budget), limits)
+        Self::from_buffered(LazyBuf::new(budget), limits)
     }
 
-    fn from_buffered(b: BufReader<Budget<R>>, limits: Limits) -> Self {
+    fn from_buffered(b: LazyBuf<Budget<R>>, limits: Limits) -> Self {
         let mut reader = NsReader::from_reader(b);
         let cfg = reader.config_mut();
         cfg.trim_text(false);
@@ -196,7 +281,7 @@ impl<R: AsyncRead + Unpin> StanzaReader<R> {
         StanzaReader {
             reader,
             limits,
-            buf: Vec::with_capacity(256),
+            buf: Vec::new(),
             stack: Vec::new(),
             opened: false,
         }
@@ -249,6 +334,11 @@ impl<R: AsyncRead + Unpin> StanzaReader<R> {
             }
             None => {
                 self.reader.get_mut().get_mut().reset();
+                // a large stanza must not leave its scratch space behind on an idle session
+                if self.buf.capacity() > SCRATCH_KEEP {
+                    self.buf = Vec::new();
+                }
+                self.stack = Vec::new();
                 Some(XmlEvent::Stanza(el))
             }
         }
@@ -458,6 +548,39 @@ mod tests {
     async fn must_open_a_stream() {
         let (_, err) = events("<message/>".into()).await;
         assert_eq!(err.and_then(|e| e.condition()), Some("invalid-namespace"));
+    }
+
+    #[tokio::test]
+    async fn stanzas_split_over_many_reads_and_no_memory_kept_between_them() {
+        let (mut tx, rx) = tokio::io::duplex(64);
+        let input = format!(
+            "{HEADER}<message id='1'><body>{}</body></message><iq id='2' type='get'/>",
+            "z".repeat(700)
+        );
+        let writer = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            for chunk in input.as_bytes().chunks(7) {
+                tx.write_all(chunk).await.expect("write");
+            }
+            tx
+        });
+        let mut r = StanzaReader::new(rx, LIMITS);
+        assert!(matches!(r.next().await, Ok(XmlEvent::StreamOpen(_))));
+        let Ok(XmlEvent::Stanza(m)) = r.next().await else {
+            panic!("no message")
+        };
+        assert_eq!(m.attr("id"), Some("1"));
+        assert_eq!(m.children[0].text.len(), 700);
+        let Ok(XmlEvent::Stanza(iq)) = r.next().await else {
+            panic!("no iq")
+        };
+        assert_eq!(iq.attr("id"), Some("2"));
+        // everything parsed: the read buffer and the large scratch space are gone
+        assert_eq!(r.reader.get_ref().buffered(), 0);
+        assert_eq!(r.reader.get_ref().buf.capacity(), 0);
+        assert!(r.buf.capacity() <= SCRATCH_KEEP, "{}", r.buf.capacity());
+        assert_eq!(r.stack.capacity(), 0);
+        drop(writer.await);
     }
 
     #[test]
