@@ -288,7 +288,8 @@ impl Bus {
             })
     }
 
-    /// Deletes every stream of this namespace (test cleanup; never called by services).
+    /// Deletes every stream of this namespace (test cleanup and `pushgate purge`; never called
+    /// by services).
     pub async fn delete_namespace(&self) -> Result<(), BusError> {
         for kind in StreamKind::ALL {
             let name = self.names.stream(kind);

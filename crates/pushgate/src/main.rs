@@ -2,9 +2,14 @@
 //!
 //! ```text
 //! pushgate all --config pushgate.toml [--dev-certs DIR]
+//! pushgate purge --config pushgate.toml --yes
 //! ```
 //! `--dev-certs DIR` creates (once) a development CA and a certificate for localhost and the
 //! XMPP domain in DIR, for the quickstart; production points `tls_cert`/`tls_key` at real ones.
+//!
+//! `purge` deletes every JetStream stream and Redis key of the configured namespace (all
+//! messages, devices, apps and statuses in it). It exists for throw-away installations such as
+//! benchmark runs against a shared NATS and Redis; it refuses to run without `--yes`.
 
 use std::path::PathBuf;
 
@@ -30,8 +35,12 @@ fn arg_value(name: &str) -> Option<String> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cmd = std::env::args().nth(1).unwrap_or_default();
-    if cmd != "all" {
-        bail!("usage: pushgate all [--config FILE] [--dev-certs DIR]");
+    match cmd.as_str() {
+        "all" => {}
+        "purge" => return purge().await,
+        _ => bail!(
+            "usage: pushgate all [--config FILE] [--dev-certs DIR]\n       pushgate purge [--config FILE] --yes"
+        ),
     }
     let mut settings: SuiteSettings = pushgate_runtime::load(service::config_path().as_deref())?;
     if let Some(dir) = arg_value("--dev-certs") {
@@ -67,6 +76,36 @@ async fn main() -> anyhow::Result<()> {
         token.cancel();
     });
     suite.wait().await;
+    Ok(())
+}
+
+/// Deletes the namespace's streams and keys (see the module documentation).
+async fn purge() -> anyhow::Result<()> {
+    let settings: SuiteSettings = pushgate_runtime::load(service::config_path().as_deref())?;
+    settings.common.validate()?;
+    let c = &settings.common;
+    if !std::env::args().any(|a| a == "--yes") {
+        bail!(
+            "`pushgate purge` deletes every stream and key of namespace {:?} on {} and {}; add --yes to do it",
+            c.namespace,
+            c.nats_url,
+            c.redis_url
+        );
+    }
+    let bus = Bus::connect_with(&c.nats_url, &c.namespace, c.nats_replicas)
+        .await
+        .context("connecting to NATS")?;
+    let store = Store::connect(&c.redis_url, &c.namespace)
+        .await
+        .context("connecting to Redis")?;
+    bus.delete_namespace()
+        .await
+        .context("deleting the namespace's streams")?;
+    store
+        .delete_namespace()
+        .await
+        .context("deleting the namespace's keys")?;
+    eprintln!("namespace {:?} purged", c.namespace);
     Ok(())
 }
 

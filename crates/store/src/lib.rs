@@ -1105,7 +1105,8 @@ impl Store {
         Ok(())
     }
 
-    /// Deletes every key of this namespace (test cleanup; never called by services).
+    /// Deletes every key of this namespace (test cleanup and `pushgate purge`; never called by
+    /// services).
     pub async fn delete_namespace(&self) -> Result<(), StoreError> {
         let mut c = self.conn.clone();
         let mut cursor: u64 = 0;
