@@ -53,7 +53,7 @@ bin="$CARGO_TARGET_DIR/release"
 ts="$(date -u +%Y%m%d%H%M%S)"
 work="${PUSHGATE_BENCH_DIR:-/var/tmp/pg-sessions-$ts}"
 mkdir -p "$work"
-ns="bsess$ts"
+ns="bs$(date -u +%y%m%d%H%M%S)"  # at most 16 characters
 admin="adm_$(od -An -v -tx1 -N 24 /dev/urandom | tr -d ' \n')"
 secret="$(od -An -v -tx1 -N 32 /dev/urandom | tr -d ' \n')"
 cat >"$work/pg.toml" <<TOML

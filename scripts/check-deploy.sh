@@ -261,7 +261,8 @@ TRIAL = {
     "redis": {"internal": {"enabled": True}},
     "secrets": {"deviceSecret": "d" * 40, "adminToken": "a" * 30},
     "services": {"xmppEdge": {"service": {"type": "NodePort",
-                                          "nodePorts": {"starttls": 30522, "directTls": 30523}}},
+                                          "nodePorts": {"starttls": 30522, "directTls": 30523,
+                                                        "websocket": 30543}}},
                  "ingressApi": {"service": {"type": "LoadBalancer"}}},
 }
 
@@ -298,7 +299,7 @@ def _prod_shape():
     assert "Secret" not in kinds, "existingSecret set, yet the chart renders a Secret"
     edge = find(docs, "Service", "-xmpp-edge")
     assert edge["spec"]["type"] == "LoadBalancer"
-    assert sorted(p["port"] for p in edge["spec"]["ports"]) == [5222, 5223]
+    assert sorted(p["port"] for p in edge["spec"]["ports"]) == [5222, 5223, 5443]
     api = find(docs, "Service", "-ingress-api")
     assert api["spec"]["type"] == "ClusterIP"
     for _, d in docs:

@@ -56,6 +56,8 @@ pub struct Addresses {
     pub api: SocketAddr,
     pub xmpp_starttls: SocketAddr,
     pub xmpp_direct_tls: Option<SocketAddr>,
+    /// XMPP over WebSocket (RFC 7395), `wss://{addr}/xmpp-websocket`.
+    pub xmpp_websocket: Option<SocketAddr>,
     pub edge_id: String,
 }
 
@@ -127,6 +129,7 @@ impl Suite {
             api: ingress.api_addr(),
             xmpp_starttls: edge.starttls_addr(),
             xmpp_direct_tls: edge.direct_tls_addr(),
+            xmpp_websocket: edge.websocket_addr(),
             edge_id: edge.edge_id().to_string(),
         };
         let mut tasks = JoinSet::new();

@@ -34,6 +34,80 @@ pub struct Received {
     pub requests_receipt: bool,
 }
 
+/// SCRAM-SHA-256, client side (RFC 5802, RFC 7677), computing the proof itself; payloads in
+/// and out are base64 as SASL carries them in XMPP.
+pub struct Scram {
+    first_bare: String,
+    cnonce: String,
+    /// Set by [`Scram::client_final`]: what the server signature must match.
+    expected_signature: Option<String>,
+}
+
+impl Scram {
+    /// A fresh exchange for the jid's local part.
+    pub fn new(local: &str) -> Self {
+        let mut nonce_bytes = [0u8; 18];
+        rand::thread_rng().fill_bytes(&mut nonce_bytes);
+        let cnonce = STANDARD.encode(nonce_bytes);
+        Scram {
+            first_bare: format!("n={local},r={cnonce}"),
+            cnonce,
+            expected_signature: None,
+        }
+    }
+
+    /// The client-first message, for `<auth mechanism='SCRAM-SHA-256'>`.
+    pub fn client_first(&self) -> String {
+        STANDARD.encode(format!("n,,{}", self.first_bare))
+    }
+
+    /// The client-final message answering the server's `<challenge>` payload.
+    pub fn client_final(&mut self, challenge: &str, password: &str) -> anyhow::Result<String> {
+        let server_first = String::from_utf8(STANDARD.decode(challenge.trim())?)?;
+        let mut nonce = "";
+        let mut salt = vec![];
+        let mut iters = 0u32;
+        for a in server_first.split(',') {
+            if let Some(v) = a.strip_prefix("r=") {
+                nonce = v;
+            } else if let Some(v) = a.strip_prefix("s=") {
+                salt = STANDARD.decode(v)?;
+            } else if let Some(v) = a.strip_prefix("i=") {
+                iters = v.parse()?;
+            }
+        }
+        if !nonce.starts_with(&self.cnonce) {
+            bail!("server nonce does not extend ours");
+        }
+        let salted = pushgate_core::credentials::salted_password(password.as_bytes(), &salt, iters);
+        let client_key = hmac(&salted, b"Client Key")?;
+        let stored: [u8; 32] = Sha256::digest(client_key).into();
+        let without_proof = format!("c=biws,r={nonce}");
+        let auth_msg = format!("{},{server_first},{without_proof}", self.first_bare);
+        let sig = hmac(&stored, auth_msg.as_bytes())?;
+        let proof: Vec<u8> = client_key
+            .iter()
+            .zip(sig.iter())
+            .map(|(a, b)| a ^ b)
+            .collect();
+        let server_key = hmac(&salted, b"Server Key")?;
+        self.expected_signature = Some(format!(
+            "v={}",
+            STANDARD.encode(hmac(&server_key, auth_msg.as_bytes())?)
+        ));
+        Ok(STANDARD.encode(format!("{without_proof},p={}", STANDARD.encode(proof))))
+    }
+
+    /// Checks the server signature in the `<success>` payload (the server knew the verifier).
+    pub fn verify_success(&self, success: &str) -> anyhow::Result<()> {
+        let got = String::from_utf8(STANDARD.decode(success.trim())?)?;
+        if Some(&got) != self.expected_signature.as_ref() {
+            bail!("server signature does not verify");
+        }
+        Ok(())
+    }
+}
+
 /// A connected, bound device.
 pub struct TestDevice {
     reader: StanzaReader<ReadHalf<Tls>>,
@@ -197,15 +271,11 @@ impl TestDevice {
         if !mechs.children.iter().any(|m| m.text == "SCRAM-SHA-256") {
             bail!("SCRAM-SHA-256 not offered");
         }
-        // SCRAM-SHA-256, client side
-        let mut nonce_bytes = [0u8; 18];
-        rand::thread_rng().fill_bytes(&mut nonce_bytes);
-        let cnonce = STANDARD.encode(nonce_bytes);
-        let first_bare = format!("n={local},r={cnonce}");
+        let mut scram = Scram::new(local);
         wr.write_all(
             format!(
                 "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='SCRAM-SHA-256'>{}</auth>",
-                STANDARD.encode(format!("n,,{first_bare}"))
+                scram.client_first()
             )
             .as_bytes(),
         )
@@ -214,54 +284,17 @@ impl TestDevice {
         if ch.name != "challenge" {
             bail!("expected a challenge: {ch:?}");
         }
-        let server_first = String::from_utf8(STANDARD.decode(ch.text.trim())?)?;
-        let mut nonce = "";
-        let mut salt = vec![];
-        let mut iters = 0u32;
-        for a in server_first.split(',') {
-            if let Some(v) = a.strip_prefix("r=") {
-                nonce = v;
-            } else if let Some(v) = a.strip_prefix("s=") {
-                salt = STANDARD.decode(v)?;
-            } else if let Some(v) = a.strip_prefix("i=") {
-                iters = v.parse()?;
-            }
-        }
-        if !nonce.starts_with(&cnonce) {
-            bail!("server nonce does not extend ours");
-        }
-        let salted = pushgate_core::credentials::salted_password(password.as_bytes(), &salt, iters);
-        let client_key = hmac(&salted, b"Client Key")?;
-        let stored: [u8; 32] = Sha256::digest(client_key).into();
-        let without_proof = format!("c=biws,r={nonce}");
-        let auth_msg = format!("{first_bare},{server_first},{without_proof}");
-        let sig = hmac(&stored, auth_msg.as_bytes())?;
-        let proof: Vec<u8> = client_key
-            .iter()
-            .zip(sig.iter())
-            .map(|(a, b)| a ^ b)
-            .collect();
-        let fin = format!("{without_proof},p={}", STANDARD.encode(proof));
+        let fin = scram.client_final(&ch.text, password)?;
         wr.write_all(
-            format!(
-                "<response xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>{}</response>",
-                STANDARD.encode(fin)
-            )
-            .as_bytes(),
+            format!("<response xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>{fin}</response>")
+                .as_bytes(),
         )
         .await?;
         let outcome = expect_stanza(&mut r).await?;
         if outcome.name != "success" {
             bail!("authentication failed: {outcome:?}");
         }
-        let server_key = hmac(&salted, b"Server Key")?;
-        let want = format!(
-            "v={}",
-            STANDARD.encode(hmac(&server_key, auth_msg.as_bytes())?)
-        );
-        if String::from_utf8(STANDARD.decode(outcome.text.trim())?)? != want {
-            bail!("server signature does not verify");
-        }
+        scram.verify_success(&outcome.text)?;
         let mut r = r.restart();
         wr.write_all(header(domain).as_bytes()).await?;
         let features = expect_open(&mut r).await?;

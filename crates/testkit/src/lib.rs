@@ -69,6 +69,7 @@ pub fn suite_settings(namespace: &str, nats: &str) -> anyhow::Result<SuiteSettin
     s.router.clock_tick_ms = 50;
     s.edge.starttls_listen = "127.0.0.1:0".into();
     s.edge.direct_tls_listen = "127.0.0.1:0".into();
+    s.edge.websocket_listen = "127.0.0.1:0".into();
     s.edge.ops_listen = "127.0.0.1:0".into();
     s.edge.tls_cert = c.cert.clone();
     s.edge.tls_key = c.key;
@@ -148,6 +149,14 @@ impl TestEnv {
             .as_ref()
             .map(|s| s.addresses.xmpp_starttls)
             .unwrap_or_else(|| ([127, 0, 0, 1], 0).into())
+    }
+
+    /// The XMPP over WebSocket (RFC 7395) address.
+    pub fn websocket_addr(&self) -> anyhow::Result<std::net::SocketAddr> {
+        self.suite
+            .as_ref()
+            .and_then(|s| s.addresses.xmpp_websocket)
+            .context("the WebSocket listener is not running")
     }
 
     /// Creates an app; returns `(app_id, api_key)`.

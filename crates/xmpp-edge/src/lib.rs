@@ -1,8 +1,9 @@
 //! xmpp-edge: the XMPP c2s endpoint devices stay connected to.
 //!
 //! Layout: [`xml`] (bounded stream parser), [`sasl`] (SCRAM-SHA-256, PLAIN), [`session`] (one
-//! connection's life). This module holds the instance: listeners, the session registry, the
-//! edge lease in Redis, and the NATS subjects routers use to hand messages over.
+//! connection's life), [`ws`] (XMPP over WebSocket, RFC 7395, for browsers). This module holds
+//! the instance: listeners, the session registry, the edge lease in Redis, and the NATS subjects
+//! routers use to hand messages over.
 //!
 //! Durability: a message handed to a session stays in the device's pending queue in Redis
 //! until the device confirms it (XEP-0184 receipt or XEP-0198 ack). A dropped connection or a
@@ -11,6 +12,7 @@
 pub mod mailbox;
 pub mod sasl;
 pub mod session;
+pub mod ws;
 /// The bounded stream parser (crate `pushgate-xmpp`).
 pub use pushgate_xmpp as xml;
 
@@ -43,6 +45,9 @@ pub struct EdgeSettings {
     pub starttls_listen: String,
     /// Direct-TLS listener (XEP-0368); empty disables it.
     pub direct_tls_listen: String,
+    /// XMPP over WebSocket (RFC 7395) for browser apps: `wss://` only (the edge's certificate),
+    /// path `/xmpp-websocket`, subprotocol `xmpp`; empty disables it.
+    pub websocket_listen: String,
     /// Plain-HTTP operations listener.
     pub ops_listen: String,
     /// PEM certificate chain.
@@ -91,6 +96,7 @@ impl Default for EdgeSettings {
         EdgeSettings {
             starttls_listen: "127.0.0.1:5222".into(),
             direct_tls_listen: "127.0.0.1:5223".into(),
+            websocket_listen: "127.0.0.1:5443".into(),
             ops_listen: "127.0.0.1:9103".into(),
             tls_cert: PathBuf::from("tls/server.pem"),
             tls_key: PathBuf::from("tls/server.key"),
@@ -121,6 +127,7 @@ impl EdgeSettings {
         for (key, v, optional) in [
             ("edge.starttls_listen", &self.starttls_listen, false),
             ("edge.direct_tls_listen", &self.direct_tls_listen, true),
+            ("edge.websocket_listen", &self.websocket_listen, true),
             ("edge.ops_listen", &self.ops_listen, false),
         ] {
             if optional && v.is_empty() {
@@ -210,23 +217,28 @@ pub enum SessionCmd {
 
 /// A live session as the registry knows it.
 pub struct SessionHandle {
+    session_id: String,
     tx: mailbox::Sender<SessionCmd>,
-    app_id: String,
-    device_id: String,
     /// Set when a hand-over did not fit the session's queue: the session re-reads its
     /// pending queue when it has room again.
     needs_drain: Arc<AtomicBool>,
 }
 
 impl SessionHandle {
-    fn new(tx: mailbox::Sender<SessionCmd>, d: &Device) -> Self {
+    fn new(session_id: &str, tx: mailbox::Sender<SessionCmd>) -> Self {
         SessionHandle {
+            session_id: session_id.to_string(),
             tx,
-            app_id: d.app_id.clone(),
-            device_id: d.device_id.clone(),
             needs_drain: Arc::new(AtomicBool::new(false)),
         }
     }
+}
+
+/// Registry key: (app id, device id).
+type DeviceKey = (String, String);
+
+fn device_key(app: &str, device: &str) -> DeviceKey {
+    (app.to_string(), device.to_string())
 }
 
 /// One edge instance.
@@ -239,7 +251,10 @@ pub struct Edge {
     outbox: Outbox,
     metrics: Arc<Metrics>,
     tls: ReloadableTls,
-    sessions: Mutex<HashMap<String, SessionHandle>>,
+    /// Live sessions by device: normally one, two for the moment a new login replaces an
+    /// old one. Keyed by device so that hand-overs, retractions and replacements find their
+    /// session directly however many sessions the edge holds.
+    sessions: Mutex<HashMap<DeviceKey, Vec<SessionHandle>>>,
 }
 
 impl Edge {
@@ -251,27 +266,35 @@ impl Edge {
         }
     }
 
-    fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<String, SessionHandle>> {
+    fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<DeviceKey, Vec<SessionHandle>>> {
         match self.sessions.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         }
     }
 
-    fn register(&self, session_id: &str, h: SessionHandle) {
-        self.sessions().insert(session_id.to_string(), h);
+    fn register(&self, d: &Device, h: SessionHandle) {
+        self.sessions()
+            .entry(device_key(&d.app_id, &d.device_id))
+            .or_default()
+            .push(h);
     }
 
-    fn unregister(&self, session_id: &str) {
-        self.sessions().remove(session_id);
+    fn unregister(&self, d: &Device, session_id: &str) {
+        let key = device_key(&d.app_id, &d.device_id);
+        let mut sessions = self.sessions();
+        if let Some(list) = sessions.get_mut(&key) {
+            list.retain(|h| h.session_id != session_id);
+            if list.is_empty() {
+                sessions.remove(&key);
+            }
+        }
     }
 
     /// Whether this edge still runs a session of the device (a resume may race the old
     /// session noticing its connection is gone).
     fn has_session(&self, app: &str, device: &str) -> bool {
-        self.sessions()
-            .values()
-            .any(|h| h.app_id == app && h.device_id == device)
+        self.sessions().contains_key(&device_key(app, device))
     }
 
     /// Closes other sessions of the device: here directly, elsewhere by broadcast.
@@ -308,9 +331,11 @@ impl Edge {
         cond: &'static str,
         text: &str,
     ) {
-        for (id, h) in self.sessions().iter() {
-            if h.app_id == app && h.device_id == device && Some(id.as_str()) != except {
-                let _ = h.tx.try_send(SessionCmd::Close(cond, text.to_string()));
+        if let Some(list) = self.sessions().get(&device_key(app, device)) {
+            for h in list {
+                if Some(h.session_id.as_str()) != except {
+                    let _ = h.tx.try_send(SessionCmd::Close(cond, text.to_string()));
+                }
             }
         }
     }
@@ -367,6 +392,7 @@ pub struct Service {
     edge: Arc<Edge>,
     starttls: TcpListener,
     direct: Option<TcpListener>,
+    websocket: Option<TcpListener>,
     ops: TcpListener,
 }
 
@@ -396,6 +422,11 @@ impl Service {
         } else {
             Some(bind(&settings.direct_tls_listen).await?)
         };
+        let websocket = if settings.websocket_listen.is_empty() {
+            None
+        } else {
+            Some(bind(&settings.websocket_listen).await?)
+        };
         let ops = bind(&settings.ops_listen).await?;
         let edge_id = settings
             .instance_id
@@ -417,6 +448,7 @@ impl Service {
             edge,
             starttls,
             direct,
+            websocket,
             ops,
         })
     }
@@ -429,6 +461,11 @@ impl Service {
     /// The direct-TLS address, if enabled.
     pub fn direct_tls_addr(&self) -> Option<SocketAddr> {
         self.direct.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// The WebSocket (RFC 7395) address, if enabled.
+    pub fn websocket_addr(&self) -> Option<SocketAddr> {
+        self.websocket.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// The operations address.
@@ -498,7 +535,16 @@ impl Service {
             tracker.spawn(accept_loop(
                 edge.clone(),
                 direct,
-                true,
+                Listener::DirectTls,
+                sessions.clone(),
+                shutdown.clone(),
+            ));
+        }
+        if let Some(websocket) = self.websocket {
+            tracker.spawn(accept_loop(
+                edge.clone(),
+                websocket,
+                Listener::WebSocket,
                 sessions.clone(),
                 shutdown.clone(),
             ));
@@ -507,12 +553,12 @@ impl Service {
         accept_loop(
             edge.clone(),
             self.starttls,
-            false,
+            Listener::StartTls,
             sessions.clone(),
             shutdown.clone(),
         )
         .await;
-        for h in edge.sessions().values() {
+        for h in edge.sessions().values().flatten() {
             let _ = h.tx.try_send(SessionCmd::Close(
                 "system-shutdown",
                 "server shutting down".into(),
@@ -527,20 +573,43 @@ impl Service {
     }
 }
 
+/// The client listeners; all run the same session logic once past TLS (and WebSocket framing).
+#[derive(Debug, Clone, Copy)]
+enum Listener {
+    /// RFC 6120 on 5222: STARTTLS first.
+    StartTls,
+    /// XEP-0368 on 5223: TLS from the first byte.
+    DirectTls,
+    /// RFC 7395 on 5443: TLS, the HTTP upgrade, then framed XML.
+    WebSocket,
+}
+
+impl Listener {
+    fn name(self) -> &'static str {
+        match self {
+            Listener::StartTls => "starttls",
+            Listener::DirectTls => "direct-tls",
+            Listener::WebSocket => "websocket",
+        }
+    }
+}
+
 async fn accept_loop(
     edge: Arc<Edge>,
     l: TcpListener,
-    direct: bool,
+    kind: Listener,
     sessions: TaskTracker,
     shutdown: CancellationToken,
 ) {
+    let mut websocket =
+        matches!(kind, Listener::WebSocket).then(|| ws::WsListener::new(&edge.domain));
     loop {
         let (tcp, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
             r = l.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
+                    tracing::warn!(error = %e, listener = kind.name(), "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
@@ -548,24 +617,46 @@ async fn accept_loop(
         };
         let _ = tcp.set_nodelay(true);
         let edge = edge.clone();
+        // the WebSocket listener's TLS config (its own ALPN) follows certificate reloads
+        let ws_setup = websocket
+            .as_mut()
+            .map(|w| (w.tls_config(edge.tls.config()), w.domain()));
         sessions.spawn(async move {
-            let res = if direct {
-                let acceptor = tokio_rustls::TlsAcceptor::from(edge.tls.config());
-                match tokio::time::timeout(edge.settings.handshake_timeout(), acceptor.accept(tcp))
-                    .await
-                {
-                    Ok(Ok(tls)) => session::serve_tls(edge, tls, peer.ip()).await,
-                    Ok(Err(e)) => Err(session::SessionError::Tls(e.to_string())),
-                    Err(_) => Err(session::SessionError::Timeout("TLS handshake")),
+            match ws_setup {
+                Some((tls, domain)) => {
+                    let res = Box::pin(ws::serve(edge, tcp, peer.ip(), tls, domain)).await;
+                    log_end(peer, kind, res);
                 }
-            } else {
-                session::serve_starttls(edge, tcp, peer.ip()).await
-            };
-            match res {
-                Ok(()) => tracing::debug!(%peer, "session closed"),
-                Err(e) => tracing::info!(%peer, reason = %e, "session ended"),
+                None if matches!(kind, Listener::DirectTls) => {
+                    let acceptor = tokio_rustls::TlsAcceptor::from(edge.tls.config());
+                    // boxed: a TLS handshake's state is large and short-lived; an unboxed one
+                    // would size this task for the session's whole life (see session::serve_tls)
+                    let res = match tokio::time::timeout(
+                        edge.settings.handshake_timeout(),
+                        Box::pin(acceptor.accept(tcp)),
+                    )
+                    .await
+                    {
+                        Ok(Ok(tls)) => session::serve_tls(edge, tls, peer.ip()).await,
+                        Ok(Err(e)) => Err(session::SessionError::Tls(e.to_string())),
+                        Err(_) => Err(session::SessionError::Timeout("TLS handshake")),
+                    };
+                    log_end(peer, kind, res);
+                }
+                None => log_end(
+                    peer,
+                    kind,
+                    session::serve_starttls(edge, tcp, peer.ip()).await,
+                ),
             }
         });
+    }
+}
+
+fn log_end<E: std::fmt::Display>(peer: SocketAddr, kind: Listener, res: Result<(), E>) {
+    match res {
+        Ok(()) => tracing::debug!(%peer, listener = kind.name(), "session closed"),
+        Err(e) => tracing::info!(%peer, listener = kind.name(), reason = %e, "session ended"),
     }
 }
 
@@ -605,8 +696,11 @@ async fn deliver_loop(
             }
             Ok(d) => {
                 let sessions = edge.sessions();
-                match sessions.get(&d.session_id) {
-                    Some(h) if h.device_id == d.device_id && h.app_id == d.message.app_id => {
+                let session = sessions
+                    .get(&device_key(&d.message.app_id, &d.device_id))
+                    .and_then(|list| list.iter().find(|h| h.session_id == d.session_id));
+                match session {
+                    Some(h) => {
                         match h.tx.try_send(SessionCmd::Deliver(Box::new(d.message))) {
                             Ok(()) => EdgeDeliverReply::Accepted,
                             Err(mailbox::TrySendError::Full) => {
@@ -646,8 +740,8 @@ async fn retract_loop(
         else {
             continue;
         };
-        for h in edge.sessions().values() {
-            if h.app_id == r.app_id && h.device_id == r.device_id {
+        if let Some(list) = edge.sessions().get(&device_key(&r.app_id, &r.device_id)) {
+            for h in list {
                 // a full queue is fine: the retraction stays queued in Redis for the next session
                 let _ = h.tx.try_send(SessionCmd::Retract(r.message_id.clone()));
             }

@@ -6,7 +6,9 @@
 //! handed over by routers, and the keep-alive timer.
 
 use std::collections::{HashSet, VecDeque};
+use std::future::Future;
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,7 +16,7 @@ use std::time::{Duration, Instant};
 use pushgate_core::time::now_ms;
 use pushgate_core::{Device, Message, Status};
 use pushgate_store::{Change, Transition};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, WriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 
 use crate::sasl::{self, SaslError};
@@ -140,17 +142,29 @@ async fn open_stream<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     }
 }
 
+/// A session's future, boxed (see [`serve_tls`]).
+pub type SessionFuture = Pin<Box<dyn Future<Output = Result<(), SessionError>> + Send>>;
+
 /// Serves one STARTTLS connection (port 5222).
 pub async fn serve_starttls(
     edge: Arc<Edge>,
-    mut tcp: TcpStream,
+    tcp: TcpStream,
     peer: IpAddr,
 ) -> Result<(), SessionError> {
+    let tls = Box::pin(starttls_handshake(&edge, tcp)).await?;
+    serve_tls(edge, tls, peer).await
+}
+
+/// The plain-text stream up to `<proceed/>`, then the TLS handshake.
+async fn starttls_handshake(
+    edge: &Edge,
+    mut tcp: TcpStream,
+) -> Result<tokio_rustls::server::TlsStream<TcpStream>, SessionError> {
     {
         let (rd, mut wr) = tcp.split();
         let mut r = StanzaReader::new(rd, edge.limits());
         let starttls = "<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'><required/></starttls>";
-        open_stream(&edge, &mut r, &mut wr, starttls).await?;
+        open_stream(edge, &mut r, &mut wr, starttls).await?;
         match next_event(&mut r, &mut wr, edge.settings.handshake_timeout()).await? {
             XmlEvent::Stanza(el) if el.is("starttls", NS_TLS) => {
                 wr.write_all(b"<proceed xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
@@ -164,28 +178,66 @@ pub async fn serve_starttls(
         }
     }
     let acceptor = tokio_rustls::TlsAcceptor::from(edge.tls.config());
-    let tls = tokio::time::timeout(edge.settings.handshake_timeout(), acceptor.accept(tcp))
+    tokio::time::timeout(edge.settings.handshake_timeout(), acceptor.accept(tcp))
         .await
         .map_err(|_| SessionError::Timeout("TLS handshake"))?
-        .map_err(|e| SessionError::Tls(e.to_string()))?;
-    serve_tls(edge, tls, peer).await
+        .map_err(|e| SessionError::Tls(e.to_string()))
 }
 
-/// Serves a connection that is already TLS (direct TLS on 5223, or after STARTTLS).
-pub async fn serve_tls<S>(edge: Arc<Edge>, tls: S, peer: IpAddr) -> Result<(), SessionError>
+/// Serves a connection that is already TLS (direct TLS on 5223, after STARTTLS, or a
+/// WebSocket carrying the framing of RFC 7395).
+///
+/// Why the phases are boxed: a task's future is allocated once, at the size of its largest
+/// state, for the connection's whole life. Negotiation (SASL, binding) and each handler of the
+/// live session need kilobytes of state for a moment, an idle session only what waiting
+/// needs. So negotiation runs in its own boxed future, freed before the session starts, and
+/// the live session boxes each handler while it runs: an idle session's task then holds
+/// about 2 KiB instead of 13 KiB (docs/architecture.md, "What an idle session costs").
+/// This is a plain function so that the stream itself is moved into the split halves at once
+/// and is not kept a second time as an argument of the returned future.
+pub fn serve_tls<S>(edge: Arc<Edge>, tls: S, peer: IpAddr) -> SessionFuture
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (rd, mut wr) = tokio::io::split(tls);
+    let (rd, wr) = tokio::io::split(tls);
+    Box::pin(async move {
+        let started = Box::pin(negotiate(&edge, rd, wr, peer)).await?;
+        run_session(edge, started).await
+    })
+}
+
+/// A session that has authenticated and bound (or resumed), ready to run.
+struct Started<S> {
+    device: Device,
+    bound: Bound,
+    reader: StanzaReader<ReadHalf<S>>,
+    w: WriteHalf<S>,
+}
+
+/// Stream header, SASL, stream restart, binding or resumption.
+async fn negotiate<S>(
+    edge: &Edge,
+    rd: ReadHalf<S>,
+    mut wr: WriteHalf<S>,
+    peer: IpAddr,
+) -> Result<Box<Started<S>>, SessionError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let mut r = StanzaReader::new(rd, edge.limits());
     let mechs = "<mechanisms xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><mechanism>SCRAM-SHA-256</mechanism><mechanism>PLAIN</mechanism></mechanisms>";
-    open_stream(&edge, &mut r, &mut wr, mechs).await?;
-    let device = authenticate(&edge, &mut r, &mut wr, peer).await?;
+    open_stream(edge, &mut r, &mut wr, mechs).await?;
+    let device = authenticate(edge, &mut r, &mut wr, peer).await?;
     let mut r = r.restart();
     let post_auth = "<bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/><session xmlns='urn:ietf:params:xml:ns:xmpp-session'><optional/></session><sm xmlns='urn:xmpp:sm:3'/><csi xmlns='urn:xmpp:csi:0'/><ver xmlns='urn:xmpp:features:rosterver'/>";
-    open_stream(&edge, &mut r, &mut wr, post_auth).await?;
-    let bound = bind(&edge, &device, &mut r, &mut wr).await?;
-    run_session(edge, device, bound, r, wr).await
+    open_stream(edge, &mut r, &mut wr, post_auth).await?;
+    let bound = bind(edge, &device, &mut r, &mut wr).await?;
+    Ok(Box::new(Started {
+        device,
+        bound,
+        reader: r,
+        w: wr,
+    }))
 }
 
 async fn sasl_failure<W: AsyncWrite + Unpin>(w: &mut W, e: &SaslError) -> Result<(), SessionError> {
@@ -734,7 +786,12 @@ impl<W: AsyncRead + AsyncWrite + Unpin> Live<W> {
         self.write_pending(None, None).await
     }
 
-    async fn change(&self, id: &str, to: Status, detail: Option<&str>) -> Result<(), SessionError> {
+    async fn change(
+        &mut self,
+        id: &str,
+        to: Status,
+        detail: Option<&str>,
+    ) -> Result<(), SessionError> {
         let ch = Change {
             message_id: id,
             to: Some(to),
@@ -833,7 +890,7 @@ impl<W: AsyncRead + AsyncWrite + Unpin> Live<W> {
     }
 
     /// Stores what a later `<resume/>` needs (on any edge).
-    async fn save_resume_state(&self) -> Result<(), SessionError> {
+    async fn save_resume_state(&mut self) -> Result<(), SessionError> {
         let Some(id) = &self.sm_id else { return Ok(()) };
         let resource = self
             .full_jid
@@ -1038,31 +1095,25 @@ impl<W: AsyncRead + AsyncWrite + Unpin> Live<W> {
 }
 
 /// The bound session: presence, pending messages, then live traffic until the end.
-async fn run_session<R, W>(
-    edge: Arc<Edge>,
-    device: Device,
-    bound: Bound,
-    reader: StanzaReader<R>,
-    w: WriteHalf<W>,
-) -> Result<(), SessionError>
+///
+/// Everything that waits across the loop's turns lives in this future and is kept small;
+/// every handler is boxed while it runs (see [`serve_tls`]).
+async fn run_session<S>(edge: Arc<Edge>, started: Box<Started<S>>) -> Result<(), SessionError>
 where
-    R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let Started {
+        device,
+        bound,
+        reader,
+        w,
+    } = *started;
     let session_id = new_id();
     let presence_value = format!("{}/{}", edge.edge_id, session_id);
     let (tx, mut rx) = mailbox::bounded::<SessionCmd>(edge.settings.session_queue);
-    let handle = SessionHandle::new(tx, &device);
+    let handle = SessionHandle::new(&session_id, tx);
     let needs_drain = handle.needs_drain.clone();
-    edge.register(&session_id, handle);
-    let previous = edge
-        .store
-        .set_presence(&device.app_id, &device.device_id, &presence_value, now_ms())
-        .await?;
-    if let Some(prev) = previous.filter(|p| p != &presence_value) {
-        edge.replace_elsewhere(&device, &session_id, &prev).await;
-    }
-    edge.metrics.xmpp_sessions.inc();
+    edge.register(&device, handle);
     let resource = match &bound {
         Bound::New(r) => r.clone(),
         Bound::Resumed { state, .. } => state.resource.clone(),
@@ -1071,7 +1122,7 @@ where
     let mut live = Live {
         edge: edge.clone(),
         device,
-        session_id: session_id.clone(),
+        session_id,
         full_jid,
         w,
         sm: false,
@@ -1088,61 +1139,13 @@ where
         final_end: false,
         drained: false,
     };
-    if let Bound::Resumed {
-        id,
-        state,
-        client_h,
-    } = bound
-    {
-        // continue the old stream: our count of the client's stanzas, its count of ours;
-        // what it received before the drop counts as delivered, the rest goes out again
-        // from the pending queue
-        live.sm = true;
-        live.sm_id = Some(id);
-        live.h_in = state.h_in;
-        live.unacked = state
-            .unacked
-            .into_iter()
-            .map(|(seq, m)| (seq, Some(m)))
-            .collect();
-        live.ack_up_to(client_h).await?;
-        live.unacked.clear();
-        live.out_count = client_h;
-        live.save_resume_state().await?;
-        live.drain_once().await?;
-    }
-    let result = session_loop(&mut live, &mut rx, reader, &needs_drain).await;
-    // keep what a resumption needs (unless the stream ended for good), before this session
-    // stops counting as live, so a quick resume finds it
-    if live.sm_id.is_some() {
-        let kept = if live.final_end {
-            match &live.sm_id {
-                Some(id) => edge.store.drop_resume_state(id).await,
-                None => Ok(()),
-            }
-        } else {
-            live.save_resume_state()
-                .await
-                .map_err(|e| pushgate_store::StoreError::Conflict(e.to_string()))
-        };
-        if let Err(e) = kept {
-            tracing::warn!(error = %e, "cannot update stream resumption state");
-        }
-    }
-    edge.unregister(&live.session_id);
+    edge.metrics.xmpp_sessions.inc();
+    let result = match Box::pin(live.start(&presence_value, bound)).await {
+        Ok(()) => live.serve(&mut rx, reader, &needs_drain).await,
+        Err(e) => Err(e),
+    };
+    Box::pin(live.end(&presence_value)).await;
     edge.metrics.xmpp_sessions.dec();
-    if let Err(e) = edge
-        .store
-        .clear_presence(
-            &live.device.app_id,
-            &live.device.device_id,
-            &presence_value,
-            now_ms(),
-        )
-        .await
-    {
-        tracing::warn!(error = %e, "cannot clear presence; it expires with the edge lease");
-    }
     result
 }
 
@@ -1156,103 +1159,203 @@ async fn read_next<R: AsyncRead + Unpin>(
     (reader, ev)
 }
 
-async fn session_loop<R, W>(
-    live: &mut Live<W>,
-    rx: &mut mailbox::Receiver<SessionCmd>,
-    reader: StanzaReader<R>,
-    needs_drain: &Arc<std::sync::atomic::AtomicBool>,
-) -> Result<(), SessionError>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncRead + AsyncWrite + Unpin,
-{
-    let bound_at = Instant::now();
-    let ping_every = live.edge.settings.ping_interval();
-    let mut last_input = Instant::now();
-    let mut ping_sent: Option<Instant> = None;
-    let mut reading = std::pin::pin!(read_next(reader));
-    let timer = tokio::time::sleep(Duration::ZERO);
-    tokio::pin!(timer);
-    loop {
-        // An idle session sleeps until its next keep-alive ping is due; only a session with
-        // work in progress (backlog not drained yet, messages awaiting acks, a CSI batch, a
-        // ping awaiting its answer, a hand-over that did not fit) looks again every second.
-        // With 100,000 sessions per edge a fixed one-second tick alone would be 100,000
-        // wake-ups per second doing nothing.
-        let busy = !live.drained
-            || ping_sent.is_some()
-            || live.held_since.is_some()
-            || needs_drain.load(Ordering::Acquire)
-            || (live.sm && live.unacked.iter().any(|(_, m)| m.is_some()));
-        let wake = if busy {
-            Instant::now() + Duration::from_secs(1).min(ping_every)
-        } else {
-            last_input + ping_every
-        };
-        timer.as_mut().reset(wake.into());
-        tokio::select! {
-            (r, ev) = &mut reading => {
-                reading.set(read_next(r));
-                last_input = Instant::now();
-                ping_sent = None;
-                match ev {
-                    Ok(XmlEvent::Stanza(el)) => {
-                        if !live.on_stanza(el).await? {
-                            return Ok(());
-                        }
-                    }
-                    Ok(XmlEvent::StreamClose) => {
-                        live.final_end = true;
-                        let _ = live.write("</stream:stream>").await;
+impl<W: AsyncRead + AsyncWrite + Unpin> Live<W> {
+    /// Announces the session (presence, replacing an older one), and for a resumption picks
+    /// up the old stream's state.
+    async fn start(&mut self, presence_value: &str, bound: Bound) -> Result<(), SessionError> {
+        let (app, dev) = (self.device.app_id.clone(), self.device.device_id.clone());
+        let previous = self
+            .edge
+            .store
+            .set_presence(&app, &dev, presence_value, now_ms())
+            .await?;
+        if let Some(prev) = previous.filter(|p| p != presence_value) {
+            self.edge
+                .replace_elsewhere(&self.device, &self.session_id, &prev)
+                .await;
+        }
+        if let Bound::Resumed {
+            id,
+            state,
+            client_h,
+        } = bound
+        {
+            // continue the old stream: our count of the client's stanzas, its count of ours;
+            // what it received before the drop counts as delivered, the rest goes out again
+            // from the pending queue
+            self.sm = true;
+            self.sm_id = Some(id);
+            self.h_in = state.h_in;
+            self.unacked = state
+                .unacked
+                .into_iter()
+                .map(|(seq, m)| (seq, Some(m)))
+                .collect();
+            self.ack_up_to(client_h).await?;
+            self.unacked.clear();
+            self.out_count = client_h;
+            self.save_resume_state().await?;
+            self.drain_once().await?;
+        }
+        Ok(())
+    }
+
+    /// Keeps what a resumption needs (unless the stream ended for good) before the session
+    /// stops counting as live, so a quick resume finds it; then leaves the registry and
+    /// clears presence.
+    async fn end(&mut self, presence_value: &str) {
+        if self.sm_id.is_some() {
+            let kept = if self.final_end {
+                match &self.sm_id {
+                    Some(id) => self.edge.store.drop_resume_state(id).await,
+                    None => Ok(()),
+                }
+            } else {
+                self.save_resume_state()
+                    .await
+                    .map_err(|e| pushgate_store::StoreError::Conflict(e.to_string()))
+            };
+            if let Err(e) = kept {
+                tracing::warn!(error = %e, "cannot update stream resumption state");
+            }
+        }
+        self.edge.unregister(&self.device, &self.session_id);
+        if let Err(e) = self
+            .edge
+            .store
+            .clear_presence(
+                &self.device.app_id,
+                &self.device.device_id,
+                presence_value,
+                now_ms(),
+            )
+            .await
+        {
+            tracing::warn!(error = %e, "cannot clear presence; it expires with the edge lease");
+        }
+    }
+
+    /// Periodic duties: the first drain, a drain after a hand-over that did not fit, asking
+    /// for acks, the CSI batch, keep-alive. `Err` ends the session.
+    async fn on_timer(
+        &mut self,
+        bound_at: Instant,
+        last_input: Instant,
+        ping_sent: &mut Option<Instant>,
+        needs_drain: &std::sync::atomic::AtomicBool,
+    ) -> Result<(), SessionError> {
+        if !self.drained && bound_at.elapsed() >= DRAIN_GRACE {
+            self.drain_once().await?;
+        }
+        if needs_drain.swap(false, Ordering::AcqRel) {
+            self.drain_pending().await?;
+        }
+        // ask for an ack of what is still unconfirmed, so the unacked list stays short
+        // and a resumption knows what the client has
+        if self.sm && self.unacked.iter().any(|(_, m)| m.is_some()) {
+            self.write("<r xmlns='urn:xmpp:sm:3'/>").await?;
+        }
+        if self
+            .held_since
+            .is_some_and(|t| t.elapsed() >= self.edge.settings.csi_batch())
+        {
+            self.flush_held().await?;
+        }
+        let ping_every = self.edge.settings.ping_interval();
+        match *ping_sent {
+            Some(at) if at.elapsed() >= self.edge.settings.ping_timeout() => {
+                return Err(SessionError::Timeout("device did not answer ping"));
+            }
+            None if last_input.elapsed() >= ping_every => {
+                let ping = format!(
+                    "<iq type='get' id='ping-{}' from='{}'><ping xmlns='urn:xmpp:ping'/></iq>",
+                    new_id(),
+                    escape(&self.edge.domain)
+                );
+                self.send_counted(&ping, None).await?;
+                *ping_sent = Some(Instant::now());
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// One event from the device. `Ok(false)` ends the session cleanly.
+    async fn on_input(&mut self, ev: Result<XmlEvent, XmlError>) -> Result<bool, SessionError> {
+        match ev {
+            Ok(XmlEvent::Stanza(el)) => self.on_stanza(el).await,
+            Ok(XmlEvent::StreamClose) => {
+                self.final_end = true;
+                let _ = self.write("</stream:stream>").await;
+                Ok(false)
+            }
+            Ok(XmlEvent::StreamOpen(_)) => {
+                Err(fail(&mut self.w, "invalid-xml", "unexpected stream header").await)
+            }
+            Err(e) => Err(match e.condition() {
+                Some(c) => fail(&mut self.w, c, &e.to_string()).await,
+                None => e.into(),
+            }),
+        }
+    }
+
+    /// One command from the registry (router hand-over, retraction, close).
+    async fn on_command(&mut self, cmd: SessionCmd) -> Result<(), SessionError> {
+        match cmd {
+            SessionCmd::Deliver(m) => self.deliver(*m).await,
+            SessionCmd::Retract(id) => self.retract(&id).await,
+            SessionCmd::Close(cond, text) => {
+                // replaced by a new login, or the device left its user: never resumable;
+                // a server shutdown is (on another edge)
+                self.final_end = cond != "system-shutdown";
+                Err(fail(&mut self.w, cond, &text).await)
+            }
+        }
+    }
+
+    /// The live session: input, commands and timers until the stream ends.
+    async fn serve<R: AsyncRead + Unpin>(
+        &mut self,
+        rx: &mut mailbox::Receiver<SessionCmd>,
+        reader: StanzaReader<R>,
+        needs_drain: &std::sync::atomic::AtomicBool,
+    ) -> Result<(), SessionError> {
+        let bound_at = Instant::now();
+        let ping_every = self.edge.settings.ping_interval();
+        let mut last_input = Instant::now();
+        let mut ping_sent: Option<Instant> = None;
+        let mut reading = std::pin::pin!(read_next(reader));
+        let timer = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(timer);
+        loop {
+            // An idle session sleeps until its next keep-alive ping is due; only a session
+            // with work in progress (backlog not drained yet, messages awaiting acks, a CSI
+            // batch, a ping awaiting its answer, a hand-over that did not fit) looks again
+            // every second. With 100,000 sessions per edge a fixed one-second tick alone would
+            // be 100,000 wake-ups per second doing nothing.
+            let busy = !self.drained
+                || ping_sent.is_some()
+                || self.held_since.is_some()
+                || needs_drain.load(Ordering::Acquire)
+                || (self.sm && self.unacked.iter().any(|(_, m)| m.is_some()));
+            let wake = if busy {
+                Instant::now() + Duration::from_secs(1).min(ping_every)
+            } else {
+                last_input + ping_every
+            };
+            timer.as_mut().reset(wake.into());
+            tokio::select! {
+                (r, ev) = &mut reading => {
+                    reading.set(read_next(r));
+                    last_input = Instant::now();
+                    ping_sent = None;
+                    if !Box::pin(self.on_input(ev)).await? {
                         return Ok(());
                     }
-                    Ok(XmlEvent::StreamOpen(_)) => {
-                        return Err(fail(&mut live.w, "invalid-xml", "unexpected stream header").await);
-                    }
-                    Err(e) => {
-                        return Err(match e.condition() {
-                            Some(c) => fail(&mut live.w, c, &e.to_string()).await,
-                            None => e.into(),
-                        });
-                    }
                 }
-            }
-            cmd = rx.recv() => match cmd {
-                SessionCmd::Deliver(m) => live.deliver(*m).await?,
-                SessionCmd::Retract(id) => live.retract(&id).await?,
-                SessionCmd::Close(cond, text) => {
-                    // replaced by a new login, or the device left its user: never resumable;
-                    // a server shutdown is (on another edge)
-                    live.final_end = cond != "system-shutdown";
-                    return Err(fail(&mut live.w, cond, &text).await);
-                }
-            },
-            _ = &mut timer => {
-                if !live.drained && bound_at.elapsed() >= DRAIN_GRACE {
-                    live.drain_once().await?;
-                }
-                if needs_drain.swap(false, Ordering::AcqRel) {
-                    live.drain_pending().await?;
-                }
-                // ask for an ack of what is still unconfirmed, so the unacked list stays short
-                // and a resumption knows what the client has
-                if live.sm && live.unacked.iter().any(|(_, m)| m.is_some()) {
-                    live.write("<r xmlns='urn:xmpp:sm:3'/>").await?;
-                }
-                if live.held_since.is_some_and(|t| t.elapsed() >= live.edge.settings.csi_batch()) {
-                    live.flush_held().await?;
-                }
-                let idle = last_input.elapsed();
-                match ping_sent {
-                    Some(at) if at.elapsed() >= live.edge.settings.ping_timeout() => {
-                        return Err(SessionError::Timeout("device did not answer ping"));
-                    }
-                    None if idle >= ping_every => {
-                        let ping = format!("<iq type='get' id='ping-{}' from='{}'><ping xmlns='urn:xmpp:ping'/></iq>", new_id(), escape(&live.edge.domain));
-                        live.send_counted(&ping, None).await?;
-                        ping_sent = Some(Instant::now());
-                    }
-                    _ => {}
+                cmd = rx.recv() => Box::pin(self.on_command(cmd)).await?,
+                _ = &mut timer => {
+                    Box::pin(self.on_timer(bound_at, last_input, &mut ping_sent, needs_drain)).await?;
                 }
             }
         }

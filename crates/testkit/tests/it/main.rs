@@ -13,3 +13,4 @@ mod native;
 mod nats_restart;
 mod schemathesis;
 mod trace_test;
+mod websocket;
