@@ -19,7 +19,9 @@
 # The namespace is purged afterwards (`pushgate purge`). Results belong in docs/benchmarks.md.
 #
 # Environment: CARGO_TARGET_DIR (release binaries are built there if missing; default
-# /var/tmp/pushgate-release), PUSHGATE_BENCH_DIR (work dir; default a new /var/tmp/pg-sessions-*).
+# /var/tmp/pushgate-release), PUSHGATE_BENCH_DIR (work dir; default a new /var/tmp/pg-sessions-*),
+# PUSHGATE_EDGE_WRAPPER (a command the edges run under, e.g. "heaptrack -o DIR/edge"; the
+# RSS figures then belong to the wrapper, not the edge).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -73,6 +75,7 @@ ops_listen = "127.0.0.1:19102"
 [edge]
 starttls_listen = "127.0.0.1:15222"
 direct_tls_listen = ""
+websocket_listen = ""
 ops_listen = "127.0.0.1:19103"
 [bridge]
 ops_listen = "127.0.0.1:19104"
@@ -107,9 +110,10 @@ for k in $(seq 0 $((edges - 1))); do
     PUSHGATE__EDGE__STARTTLS_LISTEN="127.0.0.1:$((15232 + 10 * k))" \
         PUSHGATE__EDGE__OPS_LISTEN="127.0.0.1:$((19203 + 10 * k))" \
         PUSHGATE__EDGE__DIRECT_TLS_LISTEN="" \
+        PUSHGATE__EDGE__WEBSOCKET_LISTEN="" \
         PUSHGATE__EDGE__TLS_CERT="$work/tls/server.pem" \
         PUSHGATE__EDGE__TLS_KEY="$work/tls/server.key" \
-        "$bin/xmpp-edge" --config "$work/pg.toml" >"$work/edge$k.log" 2>&1 &
+        ${PUSHGATE_EDGE_WRAPPER:-} "$bin/xmpp-edge" --config "$work/pg.toml" >"$work/edge$k.log" 2>&1 &
     pids+=($!)
     edge_pids+=($!)
 done
@@ -118,6 +122,10 @@ for k in $(seq 0 $((edges - 1))); do
         _pg_port_open $((15232 + 10 * k)) && break
         sleep 0.2
     done
+    _pg_port_open $((15232 + 10 * k)) || {
+        _pg_err "xmpp-edge $k did not come up; see $work/edge$k.log"
+        exit 1
+    }
 done
 
 pg_step "sessions 3/5: $edges bench processes × $per_edge devices, $rate msg/s each for $seconds s"
@@ -147,7 +155,7 @@ while running; do
     total=0
     line=""
     for k in $(seq 0 $((edges - 1))); do
-        s="$(curl -s "http://127.0.0.1:$((19203 + 10 * k))/metrics" | awk '/^pushgate_xmpp_sessions /{print $2}')"
+        s="$( (curl -s "http://127.0.0.1:$((19203 + 10 * k))/metrics" || true) | awk '/^pushgate_xmpp_sessions /{print $2}')"
         s="${s:-0}"
         s="${s%.*}"
         rss="$(awk '/^VmRSS:/{print $2}' "/proc/${edge_pids[$k]}/status" 2>/dev/null || echo 0)"

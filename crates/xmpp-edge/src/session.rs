@@ -151,8 +151,14 @@ pub async fn serve_starttls(
     tcp: TcpStream,
     peer: IpAddr,
 ) -> Result<(), SessionError> {
-    let tls = Box::pin(starttls_handshake(&edge, tcp)).await?;
-    serve_tls(edge, tls, peer).await
+    // the stream goes straight into the session's boxed future; a `let` binding for it here
+    // could keep a second copy's room (1.2 KB) in this task for the session's whole life
+    serve_tls(
+        edge.clone(),
+        Box::pin(starttls_handshake(&edge, tcp)).await?,
+        peer,
+    )
+    .await
 }
 
 /// The plain-text stream up to `<proceed/>`, then the TLS handshake.
@@ -210,7 +216,7 @@ where
 struct Started<S> {
     device: Device,
     bound: Bound,
-    reader: StanzaReader<ReadHalf<S>>,
+    reader: Box<StanzaReader<ReadHalf<S>>>,
     w: WriteHalf<S>,
 }
 
@@ -235,7 +241,7 @@ where
     Ok(Box::new(Started {
         device,
         bound,
-        reader: r,
+        reader: Box::new(r),
         w: wr,
     }))
 }
@@ -1102,12 +1108,13 @@ async fn run_session<S>(edge: Arc<Edge>, started: Box<Started<S>>) -> Result<(),
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    // unboxed by a function so that the box's memory is freed now, not when this returns
     let Started {
         device,
         bound,
         reader,
         w,
-    } = *started;
+    } = unbox(started);
     let session_id = new_id();
     let presence_value = format!("{}/{}", edge.edge_id, session_id);
     let (tx, mut rx) = mailbox::bounded::<SessionCmd>(edge.settings.session_queue);
@@ -1152,9 +1159,17 @@ where
 /// Reads the next event, giving the reader back with it. Owning the reader makes waiting for
 /// input cancel-safe inside `select!` without a task and a channel of its own per session
 /// (the future lives across loop turns and is only replaced once it has finished).
+/// Moves a value out of its box and frees the box at once.
+#[allow(clippy::boxed_local)] // taking the box by value is the point
+fn unbox<T>(b: Box<T>) -> T {
+    *b
+}
+
+/// The reader is boxed so that the future (and the session's state) holds a pointer to it
+/// rather than a copy of it.
 async fn read_next<R: AsyncRead + Unpin>(
-    mut reader: StanzaReader<R>,
-) -> (StanzaReader<R>, Result<XmlEvent, XmlError>) {
+    mut reader: Box<StanzaReader<R>>,
+) -> (Box<StanzaReader<R>>, Result<XmlEvent, XmlError>) {
     let ev = reader.next().await;
     (reader, ev)
 }
@@ -1317,7 +1332,7 @@ impl<W: AsyncRead + AsyncWrite + Unpin> Live<W> {
     async fn serve<R: AsyncRead + Unpin>(
         &mut self,
         rx: &mut mailbox::Receiver<SessionCmd>,
-        reader: StanzaReader<R>,
+        reader: Box<StanzaReader<R>>,
         needs_drain: &std::sync::atomic::AtomicBool,
     ) -> Result<(), SessionError> {
         let bound_at = Instant::now();
