@@ -90,6 +90,8 @@ stop_all() {
     local p
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
     for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+    # a wrapper (PUSHGATE_EDGE_WRAPPER) may not pass the signal on to the edge it started
+    pkill -f -- "--config $work/pg.toml" 2>/dev/null || true
     "$bin/pushgate" purge --config "$work/pg.toml" --yes >>"$work/purge.log" 2>&1 || true
 }
 trap 'stop_all; pg_cleanup' EXIT

@@ -630,16 +630,22 @@ async fn accept_loop(
                 None if matches!(kind, Listener::DirectTls) => {
                     let acceptor = tokio_rustls::TlsAcceptor::from(edge.tls.config());
                     // boxed: a TLS handshake's state is large and short-lived; an unboxed one
-                    // would size this task for the session's whole life (see session::serve_tls)
-                    let res = match tokio::time::timeout(
+                    // would size this task for the session's whole life (see session::serve_tls).
+                    // The stream moves into the session's future before that is awaited, so no
+                    // room for it stays in this task either.
+                    let session = match tokio::time::timeout(
                         edge.settings.handshake_timeout(),
                         Box::pin(acceptor.accept(tcp)),
                     )
                     .await
                     {
-                        Ok(Ok(tls)) => session::serve_tls(edge, tls, peer.ip()).await,
+                        Ok(Ok(tls)) => Ok(session::serve_tls(edge, tls, peer.ip())),
                         Ok(Err(e)) => Err(session::SessionError::Tls(e.to_string())),
                         Err(_) => Err(session::SessionError::Timeout("TLS handshake")),
+                    };
+                    let res = match session {
+                        Ok(s) => s.await,
+                        Err(e) => Err(e),
                     };
                     log_end(peer, kind, res);
                 }

@@ -151,14 +151,14 @@ pub async fn serve_starttls(
     tcp: TcpStream,
     peer: IpAddr,
 ) -> Result<(), SessionError> {
-    // the stream goes straight into the session's boxed future; a `let` binding for it here
-    // could keep a second copy's room (1.2 KB) in this task for the session's whole life
-    serve_tls(
-        edge.clone(),
-        Box::pin(starttls_handshake(&edge, tcp)).await?,
-        peer,
-    )
-    .await
+    // The stream moves into the session's boxed future inside this block, so its storage
+    // ends before the session is awaited: a binding (or a temporary) that lived across that
+    // await would keep 1.2 KB of dead room in this task for the session's whole life.
+    let session = {
+        let tls = Box::pin(starttls_handshake(&edge, tcp)).await?;
+        serve_tls(edge.clone(), tls, peer)
+    };
+    session.await
 }
 
 /// The plain-text stream up to `<proceed/>`, then the TLS handshake.

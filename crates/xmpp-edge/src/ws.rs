@@ -1612,23 +1612,33 @@ pub(crate) async fn serve(
     domain: Arc<str>,
 ) -> Result<(), WsError> {
     let limit = edge.settings.max_stanza_bytes;
-    let handshake = async {
-        let mut tls = tokio_rustls::TlsAcceptor::from(tls)
-            .accept(tcp)
-            .await
-            .map_err(|e| WsError::Tls(e.to_string()))?;
-        let early = upgrade(&mut tls).await?;
-        Ok::<_, WsError>(Conn::new(tls, early, limit))
-    };
-    // boxed: the handshake's state is large and needed only for a moment (see session::serve_tls)
-    let conn = tokio::time::timeout(edge.settings.handshake_timeout(), Box::pin(handshake))
-        .await
-        .map_err(|_| WsError::Timeout)??;
     let (done, back) = oneshot::channel();
-    let res = session::serve_tls(edge, WsStream::new(conn, domain, Some(done)), peer).await;
-    // the session dropped its halves: close the WebSocket properly
-    if let Ok(Ok(left)) = tokio::time::timeout(CLOSE_GRACE, back).await {
-        left.finish().await;
+    let session = {
+        let handshake = async {
+            let mut tls = tokio_rustls::TlsAcceptor::from(tls)
+                .accept(tcp)
+                .await
+                .map_err(|e| WsError::Tls(e.to_string()))?;
+            let early = upgrade(&mut tls).await?;
+            Ok::<_, WsError>(Conn::new(tls, early, limit))
+        };
+        // boxed: the handshake's state is large and needed only for a moment (see
+        // session::serve_tls); the connection moves into the session inside the block, so no room
+        // for it stays in this (long-lived) future
+        let conn = tokio::time::timeout(edge.settings.handshake_timeout(), Box::pin(handshake))
+            .await
+            .map_err(|_| WsError::Timeout)??;
+        session::serve_tls(edge, WsStream::new(conn, domain, Some(done)), peer)
+    };
+    let res = session.await;
+    // the session dropped its halves: close the WebSocket properly (boxed, for the same reason
+    // as the handshake: the connection handed back must not size this future)
+    let closing = match tokio::time::timeout(CLOSE_GRACE, back).await {
+        Ok(Ok(left)) => Some(Box::pin(left.finish())),
+        _ => None,
+    };
+    if let Some(closing) = closing {
+        closing.await;
     }
     res.map_err(WsError::from)
 }
