@@ -1108,44 +1108,16 @@ async fn run_session<S>(edge: Arc<Edge>, started: Box<Started<S>>) -> Result<(),
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    // unboxed by a function so that the box's memory is freed now, not when this returns
-    let Started {
-        device,
+    // Built by a plain function: values that an async fn binds and then moves on keep their
+    // room in its future for good (1 KB here: the device, the binding, the handle).
+    let Begun {
+        mut live,
         bound,
         reader,
-        w,
-    } = unbox(started);
-    let session_id = new_id();
-    let presence_value = format!("{}/{}", edge.edge_id, session_id);
-    let (tx, mut rx) = mailbox::bounded::<SessionCmd>(edge.settings.session_queue);
-    let handle = SessionHandle::new(&session_id, tx);
-    let needs_drain = handle.needs_drain.clone();
-    edge.register(&device, handle);
-    let resource = match &bound {
-        Bound::New(r) => r.clone(),
-        Bound::Resumed { state, .. } => state.resource.clone(),
-    };
-    let full_jid = format!("{}@{}/{}", device.jid_local, edge.domain, resource);
-    let mut live = Live {
-        edge: edge.clone(),
-        device,
-        session_id,
-        full_jid,
-        w,
-        sm: false,
-        h_in: 0,
-        out_count: 0,
-        unacked: VecDeque::new(),
-        inflight: HashSet::new(),
-        window_start: Instant::now(),
-        window_count: 0,
-        sm_id: None,
-        inactive: false,
-        held: Vec::new(),
-        held_since: None,
-        final_end: false,
-        drained: false,
-    };
+        mut rx,
+        needs_drain,
+        presence_value,
+    } = begin(&edge, started);
     edge.metrics.xmpp_sessions.inc();
     let result = match Box::pin(live.start(&presence_value, bound)).await {
         Ok(()) => live.serve(&mut rx, reader, &needs_drain).await,
@@ -1156,15 +1128,70 @@ where
     result
 }
 
+/// A session registered and ready to start.
+struct Begun<S> {
+    live: Live<S>,
+    bound: Box<Bound>,
+    reader: Box<StanzaReader<ReadHalf<S>>>,
+    rx: mailbox::Receiver<SessionCmd>,
+    needs_drain: Arc<std::sync::atomic::AtomicBool>,
+    presence_value: String,
+}
+
+/// Registers the session with the edge and builds its state.
+fn begin<S>(edge: &Arc<Edge>, started: Box<Started<S>>) -> Begun<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let Started {
+        device,
+        bound,
+        reader,
+        w,
+    } = *started;
+    let session_id = new_id();
+    let presence_value = format!("{}/{}", edge.edge_id, session_id);
+    let (tx, rx) = mailbox::bounded::<SessionCmd>(edge.settings.session_queue);
+    let handle = SessionHandle::new(&session_id, tx);
+    let needs_drain = handle.needs_drain.clone();
+    edge.register(&device, handle);
+    let resource = match &bound {
+        Bound::New(r) => r.clone(),
+        Bound::Resumed { state, .. } => state.resource.clone(),
+    };
+    let full_jid = format!("{}@{}/{}", device.jid_local, edge.domain, resource);
+    Begun {
+        live: Live {
+            edge: edge.clone(),
+            device,
+            session_id,
+            full_jid,
+            w,
+            sm: false,
+            h_in: 0,
+            out_count: 0,
+            unacked: VecDeque::new(),
+            inflight: HashSet::new(),
+            window_start: Instant::now(),
+            window_count: 0,
+            sm_id: None,
+            inactive: false,
+            held: Vec::new(),
+            held_since: None,
+            final_end: false,
+            drained: false,
+        },
+        bound: Box::new(bound),
+        reader,
+        rx,
+        needs_drain,
+        presence_value,
+    }
+}
+
 /// Reads the next event, giving the reader back with it. Owning the reader makes waiting for
 /// input cancel-safe inside `select!` without a task and a channel of its own per session
 /// (the future lives across loop turns and is only replaced once it has finished).
-/// Moves a value out of its box and frees the box at once.
-#[allow(clippy::boxed_local)] // taking the box by value is the point
-fn unbox<T>(b: Box<T>) -> T {
-    *b
-}
-
 /// The reader is boxed so that the future (and the session's state) holds a pointer to it
 /// rather than a copy of it.
 async fn read_next<R: AsyncRead + Unpin>(
@@ -1177,7 +1204,7 @@ async fn read_next<R: AsyncRead + Unpin>(
 impl<W: AsyncRead + AsyncWrite + Unpin> Live<W> {
     /// Announces the session (presence, replacing an older one), and for a resumption picks
     /// up the old stream's state.
-    async fn start(&mut self, presence_value: &str, bound: Bound) -> Result<(), SessionError> {
+    async fn start(&mut self, presence_value: &str, bound: Box<Bound>) -> Result<(), SessionError> {
         let (app, dev) = (self.device.app_id.clone(), self.device.device_id.clone());
         let previous = self
             .edge
@@ -1193,7 +1220,7 @@ impl<W: AsyncRead + AsyncWrite + Unpin> Live<W> {
             id,
             state,
             client_h,
-        } = bound
+        } = *bound
         {
             // continue the old stream: our count of the client's stanzas, its count of ours;
             // what it received before the drop counts as delivered, the rest goes out again
