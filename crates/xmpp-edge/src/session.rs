@@ -885,7 +885,7 @@ impl<W: AsyncRead + AsyncWrite + Unpin> Live<W> {
             next.updated_at = now_ms();
             match self.edge.store.put_device(&next, Some(&current)).await {
                 Ok(()) => {
-                    self.device = next;
+                    self.device = session_device(next);
                     return Ok(Ok(()));
                 }
                 Err(pushgate_store::StoreError::Conflict(_)) => continue,
@@ -1128,6 +1128,20 @@ where
     result
 }
 
+/// What a live session keeps of its device: what it uses (ids, user, platform). The SCRAM
+/// verifier, push tokens, phone number and locale are dropped after login: an edge holding
+/// 100,000 sessions would otherwise keep about 0.3 KiB of them per session for nothing.
+fn session_device(mut d: Device) -> Device {
+    d.scram.salt = String::new();
+    d.scram.stored_key = String::new();
+    d.scram.server_key = String::new();
+    d.push_token = None;
+    d.webpush = None;
+    d.phone = None;
+    d.locale = None;
+    d
+}
+
 /// A session registered and ready to start.
 struct Begun<S> {
     live: Live<S>,
@@ -1163,7 +1177,7 @@ where
     Begun {
         live: Live {
             edge: edge.clone(),
-            device,
+            device: session_device(device),
             session_id,
             full_jid,
             w,
