@@ -14,6 +14,7 @@
 #                           AOF persistence (and remember to stop it)
 #   pg_ensure_python_peers  venv with the pinned Python test peers; exports PUSHGATE_PYTHON
 #   pg_ensure_rust_tools    rustfmt and clippy components for the active toolchain
+#   pg_ensure_prosody       Debian's prosody for `pushgate-bench --target prosody`
 #   pg_cleanup              stop what the pg_ensure_* functions started in this shell, nothing else
 #   pg_trap_cleanup         install EXIT/INT/TERM/HUP traps that run pg_cleanup
 #   pg_stop_recorded        stop servers recorded in the state dir's pid files (scripts/deps.sh stop)
@@ -331,8 +332,11 @@ pg_ensure_packages() {
     _pg_find_cmd redis-cli >/dev/null || missing+=(redis-tools)
     _pg_find_cmd curl >/dev/null || missing+=(curl)
     [[ -s /etc/ssl/certs/ca-certificates.crt ]] || missing+=(ca-certificates)
+    # building Pushgate compiles C (ring's assembly, jemalloc through its configure + make)
+    _pg_find_cmd cc >/dev/null || missing+=(gcc libc6-dev)
+    _pg_find_cmd make >/dev/null || missing+=(make)
     if ((${#missing[@]} == 0)); then
-        _pg_log "packages: nats-server, redis-server, redis-cli, curl, ca-certificates present"
+        _pg_log "packages: nats-server, redis-server, redis-cli, curl, ca-certificates, cc, make present"
         return 0
     fi
     _pg_apt_install "${missing[@]}" || return 1
@@ -350,7 +354,7 @@ pg_ensure_packages() {
         done
     fi
     local c
-    for c in nats-server redis-server redis-cli curl; do
+    for c in nats-server redis-server redis-cli curl cc make; do
         if ! _pg_find_cmd "$c" >/dev/null; then
             _pg_err "$c is still missing after apt-get install"
             return 1
@@ -701,5 +705,62 @@ pg_ensure_kannel() {
         _pg_err "/usr/lib/kannel/test/fakesmsc is missing although kannel-extras is installed"
         return 1
     fi
+    return 0
+}
+
+# ---------------------------------------------------------------------------------------------
+# Prosody (`pushgate-bench --target prosody` runs the same device workload against a Prosody it
+# starts itself, for a side-by-side comparison of the XMPP hop; see scripts/bench-prosody.sh)
+
+# Installs Debian's prosody if missing. The bench starts its own Prosody (own config, data dir
+# and loopback port, in a temporary directory), so the packaged prosody service must not start
+# and must not stay enabled (it would take 5222/5269 and run as a system daemon nobody asked
+# for): the same temporary policy-rc.d technique as for kannel, and on systemd the unit is
+# disabled and stopped. Idempotent: a second call only checks.
+pg_ensure_prosody() {
+    if [[ "$(dpkg-query -W -f='${db:Status-Status}' prosody 2>/dev/null)" == installed ]]; then
+        _pg_log "package: prosody present ($(dpkg-query -W -f='${Version}' prosody 2>/dev/null))"
+    else
+        if [[ ! -e "$_PG_POLICY_RC" ]]; then
+            # shellcheck disable=SC2016  # $a and $@ are for the written sh script, not for us
+            printf '%s\n' \
+                '#!/bin/sh' \
+                "# $_PG_POLICY_MARK: written by Pushgate's scripts/lib/deps.sh while it runs apt-get;" \
+                '# removed right after. Keeps the packaged prosody/nats-server/redis-server services from starting.' \
+                'for a in "$@"; do' \
+                '    case "$a" in' \
+                '        prosody|prosody.service|nats-server|nats-server.service|redis-server|redis-server.service|redis-server@*) exit 101 ;;' \
+                '    esac' \
+                'done' \
+                'exit 0' |
+                _pg_as_root tee -- "$_PG_POLICY_RC" >/dev/null &&
+                _pg_as_root chmod 0755 -- "$_PG_POLICY_RC"
+        fi
+        if ! _pg_apt_install prosody; then
+            # _pg_apt_install removes a policy of ours only once it has taken it over
+            if grep -q -- "$_PG_POLICY_MARK" "$_PG_POLICY_RC" 2>/dev/null; then
+                _pg_as_root rm -f -- "$_PG_POLICY_RC" || true
+            fi
+            return 1
+        fi
+        # The package enables prosody.service for the next boot even where systemd is not
+        # running now (a container, a chroot): `systemctl disable` works offline too (it
+        # removes the unit's links and the SysV ones); `--now` only where systemd runs.
+        if command -v systemctl >/dev/null 2>&1; then
+            _pg_log "disabling the packaged prosody.service (the bench starts its own Prosody)"
+            if [[ -d /run/systemd/system ]]; then
+                _pg_as_root systemctl disable --now prosody.service >/dev/null 2>&1 || true
+            else
+                _pg_as_root systemctl disable prosody.service >/dev/null 2>&1 || true
+            fi
+        fi
+    fi
+    local c
+    for c in prosody prosodyctl; do
+        if ! _pg_find_cmd "$c" >/dev/null; then
+            _pg_err "$c is missing although prosody is installed"
+            return 1
+        fi
+    done
     return 0
 }

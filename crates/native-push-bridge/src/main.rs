@@ -7,6 +7,8 @@ use pushgate_bus::Bus;
 use pushgate_runtime::{service, telemetry, Metrics};
 use pushgate_store::Store;
 
+pushgate_runtime::global_allocator!();
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let settings: Settings = pushgate_runtime::load(service::config_path().as_deref())?;

@@ -32,6 +32,8 @@ fn arg_value(name: &str) -> Option<String> {
     None
 }
 
+pushgate_runtime::global_allocator!();
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cmd = std::env::args().nth(1).unwrap_or_default();

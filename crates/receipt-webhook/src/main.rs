@@ -9,6 +9,8 @@ use pushgate_store::Store;
 use receipt_webhook::{Service, Settings};
 use tokio::net::TcpListener;
 
+pushgate_runtime::global_allocator!();
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let settings: Settings = pushgate_runtime::load(service::config_path().as_deref())?;

@@ -6,6 +6,8 @@ use pushgate_runtime::{service, telemetry, Metrics};
 use pushgate_store::Store;
 use xmpp_edge::{Service, Settings};
 
+pushgate_runtime::global_allocator!();
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let settings: Settings = pushgate_runtime::load(service::config_path().as_deref())?;
