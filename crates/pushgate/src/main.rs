@@ -123,6 +123,7 @@ Pushgate is up.
   HTTPS API        {api}
   XMPP (STARTTLS)  {xmpp}   domain {domain}
   XMPP (TLS)       {direct}
+  XMPP (WebSocket) {websocket}
 
 First message, step by step (another terminal):
   export CA={ca} API={api} ADMIN={admin}
@@ -145,6 +146,10 @@ Press Ctrl-C to stop.
         direct = a
             .xmpp_direct_tls
             .map(|d| d.to_string())
+            .unwrap_or_else(|| "disabled".into()),
+        websocket = a
+            .xmpp_websocket
+            .map(|w| format!("wss://localhost:{}/xmpp-websocket", w.port()))
             .unwrap_or_else(|| "disabled".into()),
         admin = s.ingress.admin_token,
     );
