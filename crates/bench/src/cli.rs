@@ -43,6 +43,53 @@ impl Rate {
     }
 }
 
+/// XMPP sender sessions of `--target prosody` unless `--senders` says otherwise: enough to
+/// spread the writes, few enough to stay a "backend" rather than a second device population.
+pub const DEFAULT_SENDERS: u32 = 4;
+
+/// Which XMPP server the devices connect to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TargetKind {
+    /// The Pushgate suite (in-process, or a running one with --api).
+    Pushgate,
+    /// A Prosody the bench starts itself (Debian's `prosody` package), with the same device
+    /// workload and message rate, so the XMPP hop can be compared side by side. The sender is
+    /// a few XMPP accounts instead of the HTTP API.
+    Prosody,
+}
+
+impl TargetKind {
+    /// The name in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            TargetKind::Pushgate => "pushgate",
+            TargetKind::Prosody => "prosody",
+        }
+    }
+}
+
+/// How the bench's Prosody stores the accounts it writes into its data directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProsodyAuth {
+    /// `internal_hashed` with SCRAM-SHA-256 keys at 4096 iterations, computed by the bench:
+    /// like Pushgate's edge, the server only verifies a proof at login, the client pays the
+    /// PBKDF2.
+    Hashed,
+    /// `internal_plain` (password in the clear): Prosody runs PBKDF2 (10,000 iterations) on
+    /// every SCRAM login itself, which makes its logins slower.
+    Plain,
+}
+
+impl ProsodyAuth {
+    /// Prosody's `authentication` provider.
+    pub fn provider(self) -> &'static str {
+        match self {
+            ProsodyAuth::Hashed => "internal_hashed",
+            ProsodyAuth::Plain => "internal_plain",
+        }
+    }
+}
+
 /// End-to-end load bench of Pushgate.
 ///
 /// Registers N devices over the HTTP API, connects each as an XMPP session (STARTTLS,
@@ -51,9 +98,48 @@ impl Rate {
 /// HTTP API and measures accepted/s, delivered/s, latencies, sessions, login rate and memory.
 /// Ends with a reconciliation: exit code 1 when an accepted message never reached its device
 /// or its `delivered` webhook event, or a device saw a message twice.
+///
+/// `--target prosody` runs the same device workload against a Prosody the bench starts itself
+/// (Debian's package; scripts/bench-prosody.sh installs it), for a side-by-side comparison of
+/// the XMPP hop: XMPP sender sessions instead of the HTTP API, the devices' receipts back at
+/// the senders instead of webhooks, Prosody's RSS and CPU instead of the edge's.
 #[derive(Debug, Parser)]
 #[command(name = "pushgate-bench", version)]
 pub struct Args {
+    /// The XMPP server under test: `pushgate` (the suite) or `prosody` (a local Prosody the
+    /// bench starts, for comparison; install it with scripts/bench-prosody.sh or
+    /// `apt-get install prosody`).
+    #[arg(long, value_enum, default_value = "pushgate")]
+    pub target: TargetKind,
+
+    /// `--target prosody`: XMPP sender sessions the messages are spread over (the stand-in
+    /// for the HTTP API's senders) [default: 4].
+    #[arg(long, value_name = "K")]
+    pub senders: Option<u32>,
+
+    /// `--target prosody`: how the accounts are stored (`hashed`: SCRAM-SHA-256 keys, the
+    /// server does no PBKDF2; `plain`: the server derives the keys at every login)
+    /// [default: hashed].
+    #[arg(long, value_enum)]
+    pub prosody_auth: Option<ProsodyAuth>,
+
+    /// `--target prosody`: the `prosody` program (default: `prosody` on PATH, then
+    /// /usr/bin/prosody).
+    #[arg(long, value_name = "FILE")]
+    pub prosody_bin: Option<PathBuf>,
+
+    /// `--target prosody`: turn Nagle's algorithm off on Prosody's sockets
+    /// (`network_settings = { nagle = false }`), as Pushgate's edge and the bench's clients
+    /// have it; Prosody's default leaves it on, which can hold back small writes until the
+    /// peer's (delayed) ACK.
+    #[arg(long)]
+    pub prosody_nodelay: bool,
+
+    /// `--target prosody`: keep Prosody's directory (configuration, log, data) after the run
+    /// instead of removing it, to look at its log.
+    #[arg(long)]
+    pub prosody_keep_dir: bool,
+
     /// Start the whole suite in this process against the local NATS and Redis, in a fresh
     /// namespace removed at the end (the default unless --api is given).
     #[arg(long, conflicts_with = "api")]
@@ -155,9 +241,19 @@ pub struct Args {
 }
 
 impl Args {
+    /// `--senders`, or its default.
+    pub fn senders(&self) -> u32 {
+        self.senders.unwrap_or(DEFAULT_SENDERS)
+    }
+
+    /// `--prosody-auth`, or its default.
+    pub fn prosody_auth(&self) -> ProsodyAuth {
+        self.prosody_auth.unwrap_or(ProsodyAuth::Hashed)
+    }
+
     /// Whether the suite runs in this process.
     pub fn in_process(&self) -> bool {
-        self.api.is_none()
+        self.target == TargetKind::Pushgate && self.api.is_none()
     }
 
     /// Rejects values the run cannot work with, before anything starts.
@@ -181,9 +277,93 @@ impl Args {
         if self.source_ips.is_some_and(|k| k > 250) {
             bail!("--source-ips must be at most 250 (127.0.0.2 to 127.0.0.251)");
         }
+        if self.target == TargetKind::Prosody {
+            return self.validate_prosody();
+        }
+        let prosody_only = [
+            ("--senders", self.senders.is_some()),
+            ("--prosody-auth", self.prosody_auth.is_some()),
+            ("--prosody-bin", self.prosody_bin.is_some()),
+            ("--prosody-keep-dir", self.prosody_keep_dir),
+            ("--prosody-nodelay", self.prosody_nodelay),
+        ];
+        for (flag, given) in prosody_only {
+            if given {
+                bail!("{flag} is for --target prosody");
+            }
+        }
         if self.edge_pid.is_some() && self.in_process() {
             bail!("--edge-pid is for --api mode; in-process the edge is this process");
         }
         Ok(())
+    }
+
+    /// `--target prosody` starts its own server and sends over XMPP: the options of the
+    /// Pushgate suite have no meaning there, and silently ignoring them would make a run look
+    /// like something it is not.
+    fn validate_prosody(&self) -> anyhow::Result<()> {
+        let pushgate_only = [
+            ("--api", self.api.is_some()),
+            ("--inprocess", self.inprocess),
+            ("--edge-pid", self.edge_pid.is_some()),
+            ("--nats", self.nats.is_some()),
+            ("--redis", self.redis.is_some()),
+            ("--tls-name", self.tls_name.is_some()),
+            ("--device-offset", self.device_offset != 0),
+        ];
+        for (flag, given) in pushgate_only {
+            if given {
+                bail!("{flag} is for --target pushgate (--target prosody starts its own Prosody)");
+            }
+        }
+        if self.batch != 1 {
+            bail!("--batch is for the HTTP API; an XMPP message has one recipient");
+        }
+        if !(1..=64).contains(&self.senders()) {
+            bail!("--senders must be 1 to 64");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(line: &[&str]) -> anyhow::Result<Args> {
+        let a =
+            Args::try_parse_from(std::iter::once("pushgate-bench").chain(line.iter().copied()))?;
+        a.validate()?;
+        Ok(a)
+    }
+
+    #[test]
+    fn prosody_options_belong_to_their_target() {
+        let a = args(&["--target", "prosody", "--devices", "10"]).expect("valid");
+        assert_eq!(a.senders(), DEFAULT_SENDERS);
+        assert_eq!(a.prosody_auth(), ProsodyAuth::Hashed);
+        assert!(!a.in_process());
+        let a = args(&[
+            "--target",
+            "prosody",
+            "--prosody-auth",
+            "plain",
+            "--senders",
+            "2",
+        ])
+        .expect("valid");
+        assert_eq!((a.senders(), a.prosody_auth()), (2, ProsodyAuth::Plain));
+        for bad in [
+            &["--target", "prosody", "--batch", "2"][..],
+            &["--target", "prosody", "--device-offset", "5"],
+            &["--target", "prosody", "--senders", "0"],
+            &["--target", "prosody", "--inprocess"],
+            &["--senders", "2"],
+            &["--prosody-auth", "plain"],
+            &["--target", "pushgate", "--prosody-keep-dir"],
+        ] {
+            assert!(args(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(args(&[]).expect("valid").in_process());
     }
 }

@@ -4,7 +4,13 @@
 //! pushgate-bench [--inprocess] [--devices N] [--rate R|max] [--duration S] [--batch B]
 //!                [--out result.json] [--svg latency.svg] …
 //! pushgate-bench --api URL --admin-token T --ca FILE --xmpp HOST:PORT [--edge-pid PID] …
+//! pushgate-bench --target prosody [--devices N] [--rate R|max] [--senders K] …
 //! ```
+//!
+//! `--target prosody` runs the same device workload against a Prosody the bench starts
+//! (`prosody`), with XMPP senders (`xload`) in place of the HTTP API and the devices' receipts
+//! back at the senders in place of webhook events, so the XMPP hop can be compared side by
+//! side (docs/benchmarks.md, "Pushgate vs Prosody").
 //!
 //! Phases: create an app whose webhook is the bench's local receiver, register N devices,
 //! connect N XMPP sessions (RSS before and after), send for `--duration` seconds, wait for
@@ -19,12 +25,14 @@
 mod api;
 mod cli;
 mod load;
+mod prosody;
 mod report;
 mod svg;
 mod system;
 mod target;
 mod tracker;
 mod webhook;
+mod xload;
 mod xmpp;
 
 use std::process::ExitCode;
@@ -40,10 +48,10 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{ApiError, Login};
-use crate::cli::Args;
+use crate::cli::{Args, TargetKind};
 use crate::report::RunResult;
-use crate::target::Target;
-use crate::tracker::{percentile, Errors, Percentiles, Tracker};
+use crate::target::{Backend, Target};
+use crate::tracker::{percentile, Confirm, Errors, Percentiles, Tracker};
 
 /// Messages live long enough to be delivered in any run, short enough not to linger in a
 /// running suite that the bench leaves behind.
@@ -52,6 +60,11 @@ const MESSAGE_TTL_SECS: u32 = 3600;
 const REGISTER_ATTEMPTS: u32 = 8;
 /// Time for allocations to settle before RSS is read.
 const SETTLE: Duration = Duration::from_secs(2);
+
+// The services' allocator: in-process the suite runs inside this binary, and its figures should
+// be those of the real binaries (jemalloc changed the suite's CPU per message and its p99
+// several-fold, docs/benchmarks.md "Where the CPU goes").
+pushgate_runtime::global_allocator!();
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -75,12 +88,22 @@ async fn main() -> ExitCode {
 
 async fn main_inner(args: Args) -> anyhow::Result<Outcome> {
     args.validate()?;
-    let needed = system::files_needed(args.devices, args.in_process(), args.concurrency);
-    let open_files = system::ensure_open_files(needed, args.devices, args.in_process())?;
+    let layout = match args.target {
+        TargetKind::Prosody => system::Layout::Prosody,
+        TargetKind::Pushgate if args.in_process() => system::Layout::InProcess,
+        TargetKind::Pushgate => system::Layout::Api,
+    };
+    // the Prosody senders are sessions of this process too
+    let sessions = match args.target {
+        TargetKind::Prosody => args.devices.saturating_add(args.senders()),
+        TargetKind::Pushgate => args.devices,
+    };
+    let needed = system::files_needed(sessions, layout, args.concurrency);
+    let open_files = system::ensure_open_files(needed, sessions, layout)?;
     let load_start = system::load_average();
-    let target = Target::open(&args).await?;
     // first ctrl-c: stop sending, still wait for what was accepted and report; second: give
-    // up waiting
+    // up waiting. Installed before the server starts, so an early ctrl-c still ends in
+    // `target.close()` (a started Prosody is not left behind).
     let stop = Stop {
         soft: CancellationToken::new(),
         hard: CancellationToken::new(),
@@ -96,6 +119,25 @@ async fn main_inner(args: Args) -> anyhow::Result<Outcome> {
             s.hard.cancel();
         }
     });
+    // SIGTERM or SIGHUP (a `timeout`, a closed terminal): stop at once, but still clean up
+    let s = stop.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut hup)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::hangup()),
+        ) else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = hup.recv() => {}
+        }
+        eprintln!("terminated: stopping now and cleaning up");
+        s.soft.cancel();
+        s.hard.cancel();
+    });
+    let target = Target::open(&args).await?;
     let outcome = run(&args, &target, &stop, open_files, load_start).await;
     target.close().await;
     match outcome {
@@ -128,6 +170,22 @@ fn stamp(start: Instant) -> String {
     format!("[{:>6.1}s]", start.elapsed().as_secs_f64())
 }
 
+/// How messages get in and what confirms them, per target; holds what must live for the run.
+enum Setup {
+    Pushgate {
+        api: Arc<api::Api>,
+        api_key: Arc<str>,
+        /// Kept alive until the report (dropping it stops the receiver).
+        receiver: webhook::Receiver,
+    },
+    Prosody {
+        senders: Vec<prosody::Account>,
+        /// Full JID of each device, by local index.
+        jids: Arc<Vec<String>>,
+        pid: u32,
+    },
+}
+
 async fn run(
     args: &Args,
     target: &Target,
@@ -136,36 +194,83 @@ async fn run(
     load_start: Option<[f64; 3]>,
 ) -> anyhow::Result<bool> {
     let t0 = Instant::now();
+    let kind = target.kind();
     let sources = system::source_addresses(args.source_ips, args.devices, target.xmpp.ip())?;
+    let confirm = match kind {
+        TargetKind::Pushgate => Confirm::Webhook,
+        TargetKind::Prosody => Confirm::Receipt,
+    };
     let tracker = Arc::new(Tracker::default());
     let errors = Arc::new(Errors::default());
-    let mut secret = [0u8; 24];
-    rand::thread_rng().fill_bytes(&mut secret);
-    let secret: String = secret.iter().map(|b| format!("{b:02x}")).collect();
-    let receiver = webhook::Receiver::start(
-        &args.webhook_listen,
-        secret.clone(),
-        tracker.clone(),
-        errors.clone(),
-    )
-    .await?;
-    let (app_id, api_key) = target
-        .api
-        .create_app(&target.admin_token, &receiver.url, &secret)
-        .await
-        .context("creating the bench's app")?;
-    let api_key: Arc<str> = Arc::from(api_key.as_str());
-    eprintln!(
-        "{} {}; app {app_id}, webhook {}",
-        stamp(t0),
-        target.description,
-        receiver.url
-    );
 
-    // devices
+    // accounts: registered over the API, or already written into Prosody's data directory
     let reg_start = Instant::now();
-    let logins = register(args, target, &api_key, &errors, &stop.soft, t0).await;
-    let registration_secs = reg_start.elapsed().as_secs_f64();
+    let (setup, logins, registration_secs) = match &target.backend {
+        Backend::Pushgate {
+            api, admin_token, ..
+        } => {
+            let mut secret = [0u8; 24];
+            rand::thread_rng().fill_bytes(&mut secret);
+            let secret: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+            let receiver = webhook::Receiver::start(
+                &args.webhook_listen,
+                secret.clone(),
+                tracker.clone(),
+                errors.clone(),
+            )
+            .await?;
+            let (app_id, api_key) = api
+                .create_app(admin_token, &receiver.url, &secret)
+                .await
+                .context("creating the bench's app")?;
+            let api_key: Arc<str> = Arc::from(api_key.as_str());
+            eprintln!(
+                "{} {}; app {app_id}, webhook {}",
+                stamp(t0),
+                target.description,
+                receiver.url
+            );
+            let logins = register(args, api, &api_key, &errors, &stop.soft, t0).await;
+            let setup = Setup::Pushgate {
+                api: api.clone(),
+                api_key,
+                receiver,
+            };
+            (setup, logins, reg_start.elapsed().as_secs_f64())
+        }
+        Backend::Prosody(server) => {
+            eprintln!(
+                "{} {}; {} device and {} sender accounts written in {:.1} s",
+                stamp(t0),
+                target.description,
+                server.devices.len(),
+                server.senders.len(),
+                server.accounts_secs
+            );
+            let logins = server
+                .devices
+                .iter()
+                .map(|a| {
+                    Some(Login {
+                        jid: a.jid.clone(),
+                        password: a.password.clone(),
+                    })
+                })
+                .collect();
+            let setup = Setup::Prosody {
+                senders: server.senders.clone(),
+                jids: Arc::new(
+                    server
+                        .devices
+                        .iter()
+                        .map(|a| xload::full_jid(&a.jid))
+                        .collect(),
+                ),
+                pid: server.pid,
+            };
+            (setup, logins, server.accounts_secs)
+        }
+    };
     let registered = logins.iter().filter(|l| l.is_some()).count() as u32;
     if stop.soft.is_cancelled() {
         bail!("stopped during registration");
@@ -175,9 +280,6 @@ async fn run(
     }
 
     // sessions
-    tokio::time::sleep(SETTLE).await;
-    let rss_before = system::rss_kib(None);
-    let edge_before = target.edge_pid.and_then(|p| system::rss_kib(Some(p)));
     // not tied to `stop`: after an interrupt the sessions still receive what was accepted
     let sessions_stop = CancellationToken::new();
     let shared = Arc::new(xmpp::Shared {
@@ -188,6 +290,14 @@ async fn run(
         stats: xmpp::SessionStats::default(),
         stop: sessions_stop.clone(),
     });
+    // the Prosody senders log in first, so the RSS growth below is the devices' alone
+    let sender_conns = match &setup {
+        Setup::Prosody { senders, .. } => connect_senders(&shared, senders).await?,
+        Setup::Pushgate { .. } => Vec::new(),
+    };
+    tokio::time::sleep(SETTLE).await;
+    let rss_before = system::rss_kib(None);
+    let edge_before = target.edge_pid.and_then(|p| system::rss_kib(Some(p)));
     let connect_start = Instant::now();
     let (bound, login_us, mut sessions) =
         connect(args, &shared, logins, &sources, &errors, &stop.soft, t0).await;
@@ -202,42 +312,83 @@ async fn run(
     let edge_after = target.edge_pid.and_then(|p| system::rss_kib(Some(p)));
     let bound_count = bound.len() as u32;
     eprintln!(
-        "{} {bound_count} sessions bound in {connect_secs:.1} s; RSS {} -> {} KiB",
+        "{} {bound_count} sessions bound in {connect_secs:.1} s; RSS {} -> {} KiB{}",
         stamp(t0),
         rss_before.unwrap_or(0),
-        rss_after.unwrap_or(0)
+        rss_after.unwrap_or(0),
+        match (kind, edge_before, edge_after) {
+            (TargetKind::Prosody, Some(b), Some(a)) => format!("; Prosody RSS {b} -> {a} KiB"),
+            _ => String::new(),
+        }
     );
 
     // load
     tracker.begin();
     let sent = Arc::new(load::Sent::default());
-    let plan = load::Plan {
-        rate: args.rate,
-        duration: Duration::from_secs(args.duration),
-        batch: args.batch,
-        concurrency: args.concurrency,
-        targets: Arc::new(bound),
-        offset: args.device_offset,
-        ttl_secs: MESSAGE_TTL_SECS,
-    };
+    let targets = Arc::new(bound);
     let send_start = Instant::now();
-    let cpu = system::CpuWatch::start(&args.watch_pid);
-    let mut sender = tokio::spawn(load::run(
-        target.api.clone(),
-        api_key.clone(),
-        plan,
-        tracker.clone(),
-        errors.clone(),
-        sent.clone(),
-        stop.soft.clone(),
-    ));
-    let mut progress = Progress::new(t0);
+    let mut watched = args.watch_pid.clone();
+    if let Setup::Prosody { pid, .. } = &setup {
+        watched.insert(0, *pid);
+    }
+    let cpu = system::CpuWatch::start(&watched);
+    let mut sender_tasks = None;
+    let mut sending: std::pin::Pin<
+        Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send>,
+    > = match &setup {
+        Setup::Pushgate { api, api_key, .. } => {
+            let plan = load::Plan {
+                rate: args.rate,
+                duration: Duration::from_secs(args.duration),
+                batch: args.batch,
+                concurrency: args.concurrency,
+                targets: targets.clone(),
+                offset: args.device_offset,
+                ttl_secs: MESSAGE_TTL_SECS,
+            };
+            let handle = tokio::spawn(load::run(
+                api.clone(),
+                api_key.clone(),
+                plan,
+                tracker.clone(),
+                errors.clone(),
+                sent.clone(),
+                stop.soft.clone(),
+            ));
+            Box::pin(async move { handle.await.context("the sender failed") })
+        }
+        Setup::Prosody { jids, .. } => {
+            let plan = xload::Plan {
+                rate: args.rate,
+                duration: Duration::from_secs(args.duration),
+                window: args.concurrency,
+                targets: targets.clone(),
+                jids: jids.clone(),
+            };
+            let senders = xload::start(
+                sender_conns,
+                plan,
+                tracker.clone(),
+                errors.clone(),
+                sent.clone(),
+                stop.soft.clone(),
+                sessions_stop.clone(),
+            );
+            sender_tasks = Some(senders.tasks);
+            let mut done = senders.done;
+            Box::pin(async move {
+                while done.recv().await.is_some() {}
+                Ok(())
+            })
+        }
+    };
+    let mut progress = Progress::new(t0, confirm);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.tick().await;
     loop {
         tokio::select! {
-            r = &mut sender => {
-                r.context("the sender failed")?;
+            r = &mut sending => {
+                r?;
                 break;
             }
             _ = tick.tick() => progress.line("send", &tracker, &shared, &sent, &errors),
@@ -267,9 +418,14 @@ async fn run(
     let dropped = shared.stats.dropped.load(Ordering::Relaxed);
     let load_end = system::load_average();
 
-    // end the sessions before the suite stops, so the edge sees clean closes
+    // end the sessions before the server stops, so it sees clean closes
     sessions_stop.cancel();
-    let closing = async { while sessions.join_next().await.is_some() {} };
+    let closing = async {
+        while sessions.join_next().await.is_some() {}
+        if let Some(t) = &mut sender_tasks {
+            while t.join_next().await.is_some() {}
+        }
+    };
     if tokio::time::timeout(Duration::from_secs(30), closing)
         .await
         .is_err()
@@ -285,7 +441,7 @@ async fn run(
         }
     }
     let delivered = tracker.counters.delivered.load(Ordering::Relaxed);
-    let webhook_delivered = tracker.counters.webhook.load(Ordering::Relaxed);
+    let confirmed = tracker.counters.confirmed.load(Ordering::Relaxed);
     let accepted = tracker.counters.accepted.load(Ordering::Relaxed);
     // sustained: the lowest full second of sending, leaving out the first (ramp-up)
     let full_seconds = send_secs.floor() as usize;
@@ -301,13 +457,42 @@ async fn run(
         _ => None,
     };
     let in_process = target.in_process();
+    let pushgate = kind == TargetKind::Pushgate;
+    let only_pushgate = |v: u64| pushgate.then_some(v);
+    let only_prosody = |v: u64| (!pushgate).then_some(v);
+    let accepted_per_sec = accepted as f64 / send_secs.max(1e-9);
+    let confirmed_per_sec = analysis
+        .confirm_span_secs
+        .map_or(0.0, |s| confirmed as f64 / s.max(send_secs));
+    let (prosody_info, webhook_events) = match (&setup, &target.backend) {
+        (Setup::Prosody { senders, .. }, Backend::Prosody(server)) => (
+            Some(report::ProsodyInfo {
+                version: server.version.clone(),
+                pid: server.pid,
+                address: server.addr.to_string(),
+                authentication: server.auth.provider(),
+                password_hash: (server.auth == cli::ProsodyAuth::Hashed)
+                    .then_some(prosody::PASSWORD_HASH),
+                storage: prosody::STORAGE,
+                nagle_off: server.nodelay,
+                modules_enabled: prosody::MODULES_ENABLED.to_vec(),
+                modules_disabled: prosody::MODULES_DISABLED.to_vec(),
+                senders: senders.len() as u32,
+            }),
+            None,
+        ),
+        (Setup::Pushgate { receiver, .. }, _) => (None, Some(receiver.kinds())),
+        _ => (None, None),
+    };
     let result = RunResult {
         date: time::OffsetDateTime::now_utc()
             .format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_default(),
-        command: std::env::args().collect::<Vec<_>>().join(" "),
+        command: redacted_command(std::env::args()),
         interrupted: stop.soft.is_cancelled(),
-        target: target.description.clone(),
+        target: kind.name(),
+        target_description: target.description.clone(),
+        prosody: prosody_info,
         host: report::Host {
             cores: system::cores(),
             load_average_start: load_start,
@@ -315,7 +500,11 @@ async fn run(
             open_files_limit: open_files,
         },
         config: report::Config {
-            mode: if in_process { "inprocess" } else { "api" },
+            mode: match kind {
+                TargetKind::Prosody => "prosody",
+                TargetKind::Pushgate if in_process => "inprocess",
+                TargetKind::Pushgate => "api",
+            },
             devices: args.devices,
             device_offset: args.device_offset,
             source_addresses: sources.iter().map(|a| a.to_string()).collect(),
@@ -333,6 +522,7 @@ async fn run(
             held_at_end,
             dropped,
             receipts_sent: shared.stats.receipts.load(Ordering::Relaxed),
+            sasl_mechanism: xmpp::MECHANISM,
             registration_secs,
             connect_phase_secs: connect_secs,
             logins_per_sec: if connect_secs > 0.0 {
@@ -341,14 +531,24 @@ async fn run(
                 0.0
             },
             login_time: Percentiles::of(&login_us),
+            sender_sessions: match &setup {
+                Setup::Prosody { senders, .. } => Some(senders.len() as u32),
+                Setup::Pushgate { .. } => None,
+            },
         },
         memory: report::Memory {
-            scope: if in_process {
-                "in-process: the RSS growth holds the edge's sessions AND the bench's client \
-                 sessions (one process); see --api with --edge-pid for the split"
-                    .into()
-            } else {
-                "bench process: client sessions only; edge: --edge-pid process".into()
+            scope: match kind {
+                TargetKind::Prosody => "bench process: client sessions only; edge: the Prosody \
+                                        process (its RSS growth over the device logins)"
+                    .into(),
+                TargetKind::Pushgate if in_process => {
+                    "in-process: the RSS growth holds the edge's sessions AND the bench's client \
+                     sessions (one process); see --api with --edge-pid for the split"
+                        .into()
+                }
+                TargetKind::Pushgate => {
+                    "bench process: client sessions only; edge: --edge-pid process".into()
+                }
             },
             bench_rss_before_kib: rss_before,
             bench_rss_after_kib: rss_after,
@@ -359,35 +559,46 @@ async fn run(
         },
         throughput: report::Throughput {
             send_secs,
-            requests_ok: sent.requests_ok.load(Ordering::Relaxed),
-            requests_failed: sent.requests_failed.load(Ordering::Relaxed),
-            accepted,
-            accepted_per_sec: accepted as f64 / send_secs.max(1e-9),
+            requests_ok: only_pushgate(sent.requests_ok.load(Ordering::Relaxed)),
+            requests_failed: only_pushgate(sent.requests_failed.load(Ordering::Relaxed)),
+            accepted: only_pushgate(accepted),
+            accepted_per_sec: pushgate.then_some(accepted_per_sec),
+            sent: only_prosody(accepted),
+            sent_per_sec: (!pushgate).then_some(accepted_per_sec),
             delivered,
             delivered_per_sec: analysis
                 .device_span_secs
                 .map_or(0.0, |s| delivered as f64 / s.max(send_secs)),
-            webhook_delivered,
-            webhook_per_sec: analysis
-                .webhook_span_secs
-                .map_or(0.0, |s| webhook_delivered as f64 / s.max(send_secs)),
-            min_accepted_per_sec: min_of(|s| s.accepted),
+            webhook_delivered: only_pushgate(confirmed),
+            webhook_per_sec: pushgate.then_some(confirmed_per_sec),
+            receipts_at_sender: only_prosody(confirmed),
+            receipts_per_sec: (!pushgate).then_some(confirmed_per_sec),
+            min_accepted_per_sec: min_of(|s| s.accepted).filter(|_| pushgate),
+            min_sent_per_sec: min_of(|s| s.accepted).filter(|_| !pushgate),
             min_delivered_per_sec: min_of(|s| s.delivered),
-            min_webhook_per_sec: min_of(|s| s.webhook),
+            min_webhook_per_sec: min_of(|s| s.confirmed).filter(|_| pushgate),
+            min_receipts_per_sec: min_of(|s| s.confirmed).filter(|_| !pushgate),
             max_schedule_lag_ms: sent.max_lag_us.load(Ordering::Relaxed) as f64 / 1000.0,
-            requests_not_sent: sent.not_sent.load(Ordering::Relaxed),
+            requests_not_sent: only_pushgate(sent.not_sent.load(Ordering::Relaxed)),
+            messages_not_sent: only_prosody(sent.not_sent.load(Ordering::Relaxed)),
             drain_secs,
         },
         latency: report::Latency {
-            accept_to_delivered: Percentiles::of(&analysis.device_us),
-            accept_to_webhook: Percentiles::of(&analysis.webhook_us),
-            http_round_trip: Percentiles::of(&analysis.http_us),
+            accept_to_delivered: pushgate.then(|| Percentiles::of(&analysis.device_us)),
+            accept_to_webhook: pushgate.then(|| Percentiles::of(&analysis.confirm_us)),
+            http_round_trip: pushgate.then(|| Percentiles::of(&analysis.http_us)),
+            send_to_delivered: (!pushgate).then(|| Percentiles::of(&analysis.device_us)),
+            send_to_receipt: (!pushgate).then(|| Percentiles::of(&analysis.confirm_us)),
         },
         cpu,
-        webhook_events: receiver.kinds(),
+        webhook_events,
         errors: all_errors,
-        reconciliation: analysis.reconciliation.clone(),
-        per_second: analysis.per_second.clone(),
+        reconciliation: report::ReconciliationReport::new(&analysis.reconciliation, confirm),
+        per_second: analysis
+            .per_second
+            .iter()
+            .map(|s| report::PerSecond::new(s, confirm))
+            .collect(),
     };
     print!("{}", result.summary());
     if let Some(path) = &args.out {
@@ -396,32 +607,91 @@ async fn run(
         eprintln!("result written to {}", path.display());
     }
     if let Some(path) = &args.svg {
-        let title = format!(
-            "pushgate-bench: {} devices, {} msg/s for {} s, batch {} ({})",
-            args.devices,
-            args.rate.per_sec().map_or("max".into(), |r| format!("{r}")),
-            args.duration,
-            args.batch,
-            result.date
-        );
+        let title = match kind {
+            TargetKind::Pushgate => format!(
+                "pushgate-bench: {} devices, {} msg/s for {} s, batch {} ({})",
+                args.devices,
+                args.rate.per_sec().map_or("max".into(), |r| format!("{r}")),
+                args.duration,
+                args.batch,
+                result.date
+            ),
+            TargetKind::Prosody => format!(
+                "pushgate-bench --target prosody: {} devices, {} msg/s for {} s, {} senders ({})",
+                args.devices,
+                args.rate.per_sec().map_or("max".into(), |r| format!("{r}")),
+                args.duration,
+                args.senders(),
+                result.date
+            ),
+        };
+        let labels = match kind {
+            TargetKind::Pushgate => &svg::Labels::PUSHGATE,
+            TargetKind::Prosody => &svg::Labels::PROSODY,
+        };
         let doc = svg::render(
             &title,
+            labels,
             &analysis.device_us,
-            &analysis.webhook_us,
+            &analysis.confirm_us,
             &analysis.per_second,
         );
         std::fs::write(path, doc).with_context(|| format!("writing {}", path.display()))?;
         eprintln!("latency plot written to {}", path.display());
     }
-    eprintln!("{} webhook batches received", receiver.batches());
+    if let Setup::Pushgate { receiver, .. } = &setup {
+        eprintln!("{} webhook batches received", receiver.batches());
+    }
     Ok(result.reconciliation.ok)
+}
+
+/// The command line for the report, with the admin token masked: result files get shared and
+/// committed, the token must not travel with them.
+fn redacted_command(args: impl Iterator<Item = String>) -> String {
+    let mut out = Vec::new();
+    let mut mask_next = false;
+    for a in args {
+        if mask_next {
+            out.push("***".to_string());
+            mask_next = false;
+        } else if a == "--admin-token" {
+            out.push(a);
+            mask_next = true;
+        } else if a.starts_with("--admin-token=") {
+            out.push("--admin-token=***".to_string());
+        } else {
+            out.push(a);
+        }
+    }
+    out.join(" ")
+}
+
+/// Logs in the Prosody sender accounts (one session each, the devices' login).
+async fn connect_senders(
+    shared: &xmpp::Shared,
+    accounts: &[prosody::Account],
+) -> anyhow::Result<Vec<xmpp::Conn>> {
+    let mut conns = Vec::with_capacity(accounts.len());
+    for (k, a) in accounts.iter().enumerate() {
+        let device = xmpp::Device {
+            index: u32::try_from(k).unwrap_or(u32::MAX),
+            jid: a.jid.clone(),
+            password: a.password.clone(),
+            source: None,
+        };
+        let conn = xmpp::login(shared, &device)
+            .await
+            .with_context(|| format!("logging in the sender {}", a.jid))?;
+        conns.push(conn);
+    }
+    Ok(conns)
 }
 
 /// Registers every device (bounded concurrency, retrying the suite's "slow down" answers);
 /// `None` where registration failed.
 async fn register(
     args: &Args,
-    target: &Target,
+    api: &Arc<api::Api>,
     key: &Arc<str>,
     errors: &Arc<Errors>,
     stop: &CancellationToken,
@@ -431,7 +701,7 @@ async fn register(
     let mut set = JoinSet::new();
     for i in 0..args.devices {
         let global = u64::from(args.device_offset) + u64::from(i);
-        let (api, key, permits) = (target.api.clone(), key.clone(), permits.clone());
+        let (api, key, permits) = (api.clone(), key.clone(), permits.clone());
         set.spawn(async move {
             let Ok(_permit) = permits.acquire_owned().await else {
                 return (i, Err(ApiError::Request("stopped".into())));
@@ -570,14 +840,20 @@ struct Progress {
     t0: Instant,
     last: Instant,
     prev: (u64, u64, u64),
+    /// What the origin and the confirmation are called.
+    names: (&'static str, &'static str),
 }
 
 impl Progress {
-    fn new(t0: Instant) -> Self {
+    fn new(t0: Instant, confirm: Confirm) -> Self {
         Progress {
             t0,
             last: Instant::now(),
             prev: (0, 0, 0),
+            names: match confirm {
+                Confirm::Webhook => ("accepted", "webhook"),
+                Confirm::Receipt => ("sent", "receipts"),
+            },
         }
     }
 
@@ -593,7 +869,7 @@ impl Progress {
         let now = (
             c.accepted.load(Ordering::Relaxed),
             c.delivered.load(Ordering::Relaxed),
-            c.webhook.load(Ordering::Relaxed),
+            c.confirmed.load(Ordering::Relaxed),
         );
         let secs = self.last.elapsed().as_secs_f64().max(1e-9);
         self.last = Instant::now();
@@ -608,7 +884,7 @@ impl Progress {
             )
         };
         eprintln!(
-            "{} {phase:<8} sessions {}  accepted {} ({:.0}/s)  delivered {} ({:.0}/s)  webhook {} ({:.0}/s)  in flight {}  p50/p99 ms: delivered {}/{} webhook {}/{}  errors {}",
+            "{} {phase:<8} sessions {}  {o} {} ({:.0}/s)  delivered {} ({:.0}/s)  {c} {} ({:.0}/s)  in flight {}  p50/p99 ms: delivered {}/{} {c} {}/{}  errors {}",
             stamp(self.t0),
             shared.stats.live.load(Ordering::Relaxed),
             now.0,
@@ -623,7 +899,33 @@ impl Progress {
             ms(&w, 0.5),
             ms(&w, 0.99),
             errors.total(),
+            o = self.names.0,
+            c = self.names.1,
         );
         self.prev = now;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_admin_token_stays_out_of_reports() {
+        let line = |v: &[&str]| redacted_command(v.iter().map(|s| s.to_string()));
+        assert_eq!(
+            line(&[
+                "b",
+                "--api",
+                "u",
+                "--admin-token",
+                "adm_x",
+                "--devices",
+                "5"
+            ]),
+            "b --api u --admin-token *** --devices 5"
+        );
+        assert_eq!(line(&["b", "--admin-token=adm_x"]), "b --admin-token=***");
+        assert_eq!(line(&["b", "--target", "prosody"]), "b --target prosody");
     }
 }

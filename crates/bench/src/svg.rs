@@ -1,6 +1,7 @@
-//! A hand-written SVG of the latencies: the CDF of accept→delivered and accept→webhook on a
-//! logarithmic time axis (top), and their per-second p50/p99 over the run (bottom). Plain
-//! `<polyline>`s, so any browser shows it and the file stays small.
+//! A hand-written SVG of the latencies: the CDF of accept→delivered and accept→webhook
+//! (against Prosody: send→delivered and send→receipt) on a logarithmic time axis (top), and
+//! their per-second p50/p99 over the run (bottom). Plain `<polyline>`s, so any browser shows
+//! it and the file stays small.
 
 use std::fmt::Write;
 
@@ -27,11 +28,41 @@ impl Panel {
     }
 }
 
-/// The SVG document. `device_us` and `webhook_us` are sorted latencies in µs.
+/// What the two curves are called: the runs against Pushgate and against Prosody measure from
+/// a different start (the 202, the sender's write) to a different confirmation (the webhook
+/// event, the receipt back at the sender).
+pub struct Labels {
+    /// `accept` or `send`.
+    pub origin: &'static str,
+    /// `accepted` or `sent`.
+    pub origin_participle: &'static str,
+    /// `acceptance` or `sending`.
+    pub origin_noun: &'static str,
+    /// What the second curve ends at.
+    pub confirm: &'static str,
+}
+
+impl Labels {
+    pub const PUSHGATE: Labels = Labels {
+        origin: "accept",
+        origin_participle: "accepted",
+        origin_noun: "acceptance",
+        confirm: "delivered event at the webhook",
+    };
+    pub const PROSODY: Labels = Labels {
+        origin: "send",
+        origin_participle: "sent",
+        origin_noun: "sending",
+        confirm: "receipt back at the sender",
+    };
+}
+
+/// The SVG document. `device_us` and `confirm_us` are sorted latencies in µs.
 pub fn render(
     title: &str,
+    labels: &Labels,
     device_us: &[u64],
-    webhook_us: &[u64],
+    confirm_us: &[u64],
     seconds: &[SecondStats],
 ) -> String {
     let mut s = String::new();
@@ -45,22 +76,24 @@ pub fn render(
     );
     cdf(
         &mut s,
+        labels,
         &Panel {
             top: 50.0,
             height: 250.0,
         },
         device_us,
-        webhook_us,
+        confirm_us,
     );
     timeline(
         &mut s,
+        labels,
         &Panel {
             top: 380.0,
             height: 240.0,
         },
         seconds,
     );
-    legend(&mut s, H - 18.0);
+    legend(&mut s, labels, H - 18.0);
     s.push_str("</svg>\n");
     s
 }
@@ -110,11 +143,14 @@ fn polyline(s: &mut String, pts: &[(f64, f64)], color: &str, dashed: bool) {
 
 /// CDF with a log10 x axis in ms, from the decade below the smallest value to the one above
 /// the largest.
-fn cdf(s: &mut String, p: &Panel, device_us: &[u64], webhook_us: &[u64]) {
+fn cdf(s: &mut String, labels: &Labels, p: &Panel, device_us: &[u64], webhook_us: &[u64]) {
     axes(
         s,
         p,
-        "Latency CDF (share of accepted messages)",
+        &format!(
+            "Latency CDF (share of {} messages)",
+            labels.origin_participle
+        ),
         "latency (log scale)",
     );
     let all_min = device_us
@@ -199,18 +235,21 @@ fn cdf(s: &mut String, p: &Panel, device_us: &[u64], webhook_us: &[u64]) {
 type Series = (fn(&SecondStats) -> Option<f64>, &'static str, bool);
 
 /// Per-second p50 (dashed) and p99 (solid) of the messages accepted in each second.
-fn timeline(s: &mut String, p: &Panel, seconds: &[SecondStats]) {
+fn timeline(s: &mut String, labels: &Labels, p: &Panel, seconds: &[SecondStats]) {
     axes(
         s,
         p,
-        "p50 (dashed) and p99 (solid) per second of acceptance (log scale)",
+        &format!(
+            "p50 (dashed) and p99 (solid) per second of {} (log scale)",
+            labels.origin_noun
+        ),
         "time since sending started (s)",
     );
     let series: [Series; 4] = [
         (|x| x.delivered_p50_ms, DEVICE, true),
         (|x| x.delivered_p99_ms, DEVICE, false),
-        (|x| x.webhook_p50_ms, WEBHOOK, true),
-        (|x| x.webhook_p99_ms, WEBHOOK, false),
+        (|x| x.confirmed_p50_ms, WEBHOOK, true),
+        (|x| x.confirmed_p99_ms, WEBHOOK, false),
     ];
     let values = || {
         seconds
@@ -264,13 +303,13 @@ fn timeline(s: &mut String, p: &Panel, seconds: &[SecondStats]) {
     }
 }
 
-fn legend(s: &mut String, y: f64) {
+fn legend(s: &mut String, labels: &Labels, y: f64) {
     let _ = write!(
         s,
         "<line x1='{LEFT}' y1='{y}' x2='{}' y2='{y}' stroke='{DEVICE}' stroke-width='3'/>\
-         <text x='{}' y='{}'>accept → delivered at the device</text>\
+         <text x='{}' y='{}'>{o} → delivered at the device</text>\
          <line x1='{}' y1='{y}' x2='{}' y2='{y}' stroke='{WEBHOOK}' stroke-width='3'/>\
-         <text x='{}' y='{}'>accept → delivered event at the webhook</text>",
+         <text x='{}' y='{}'>{o} → {c}</text>",
         LEFT + 30.0,
         LEFT + 36.0,
         y + 4.0,
@@ -278,6 +317,8 @@ fn legend(s: &mut String, y: f64) {
         LEFT + 350.0,
         LEFT + 356.0,
         y + 4.0,
+        o = labels.origin,
+        c = xml_text(labels.confirm),
     );
 }
 
@@ -322,18 +363,22 @@ mod tests {
             t: 0,
             accepted: 10,
             delivered: 10,
-            webhook: 10,
+            confirmed: 10,
             delivered_p50_ms: Some(2.0),
             delivered_p99_ms: Some(9.0),
-            webhook_p50_ms: Some(150.0),
-            webhook_p99_ms: Some(240.0),
+            confirmed_p50_ms: Some(150.0),
+            confirmed_p99_ms: Some(240.0),
         }];
-        let svg = render("a <title>", &d, &w, &secs);
+        let svg = render("a <title>", &Labels::PUSHGATE, &d, &w, &secs);
         assert!(svg.starts_with("<svg"));
         assert!(svg.trim_end().ends_with("</svg>"));
         assert!(svg.contains("a &lt;title&gt;"));
+        assert!(svg.contains("accept → delivered event at the webhook"));
         assert_eq!(svg.matches("<polyline").count(), 6);
-        let empty = render("empty", &[], &[], &[]);
+        let prosody = render("p", &Labels::PROSODY, &d, &w, &secs);
+        assert!(prosody.contains("send → receipt back at the sender"));
+        assert!(prosody.contains("share of sent messages"));
+        let empty = render("empty", &Labels::PUSHGATE, &[], &[], &[]);
         assert!(empty.contains("no latencies recorded"));
     }
 

@@ -13,28 +13,51 @@ const FD_OVERHEAD: u64 = 512;
 /// per address by default, with room for the other connections of the machine.
 pub const SESSIONS_PER_SOURCE: u32 = 20_000;
 
-/// Open files needed for `devices` sessions: the client socket, and in-process also the
+/// Where the sessions' two ends live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// The suite runs in this process: both ends of every session are here.
+    InProcess,
+    /// A running suite (`--api`): only the client ends are here.
+    Api,
+    /// A Prosody child: only the client ends are here, and Prosody (which inherits this
+    /// process's limit) holds the server ends.
+    Prosody,
+}
+
+/// Open files needed for `sessions` sessions: the client socket, and in-process also the
 /// edge's accepted socket; `in_flight` HTTP requests may each hold a connection.
-pub fn files_needed(devices: u32, in_process: bool, in_flight: usize) -> u64 {
-    let per_session = if in_process { 2 } else { 1 };
-    u64::from(devices) * per_session + FD_OVERHEAD + in_flight as u64
+pub fn files_needed(sessions: u32, layout: Layout, in_flight: usize) -> u64 {
+    let per_session = if layout == Layout::InProcess { 2 } else { 1 };
+    u64::from(sessions) * per_session + FD_OVERHEAD + in_flight as u64
 }
 
 /// Raises the soft open-files limit to the hard one and refuses a run that cannot fit, since a
 /// run that hits the limit half-way fails with confusing `EMFILE` errors instead.
 /// Returns the soft limit now in force.
-pub fn ensure_open_files(needed: u64, devices: u32, in_process: bool) -> anyhow::Result<u64> {
+pub fn ensure_open_files(needed: u64, devices: u32, layout: Layout) -> anyhow::Result<u64> {
     let (soft, hard) = rlimit::Resource::NOFILE
         .get()
         .context("reading the open-files limit")?;
     if needed > hard {
+        let in_process = layout == Layout::InProcess;
         let fits = hard.saturating_sub(FD_OVERHEAD + 256) / if in_process { 2 } else { 1 };
-        let how = if in_process {
-            "In-process every session takes two descriptors (the bench's client and the edge's \
-             server side). Run the suite as its own process (`pushgate all`) and point several \
-             bench processes at it with --api … --devices M --device-offset 0, M, 2M, …"
-        } else {
-            "Run several bench processes, each with --devices M and --device-offset 0, M, 2M, …"
+        let how = match layout {
+            Layout::InProcess => {
+                "In-process every session takes two descriptors (the bench's client and the \
+                 edge's server side). Run the suite as its own process (`pushgate all`) and \
+                 point several bench processes at it with --api … --devices M --device-offset \
+                 0, M, 2M, …"
+            }
+            Layout::Api => {
+                "Run several bench processes, each with --devices M and --device-offset 0, M, \
+                 2M, …"
+            }
+            Layout::Prosody => {
+                "The bench's Prosody inherits the same limit for its side of the sessions, and \
+                 one bench process runs one Prosody: raise the hard limit (as root: ulimit -Hn) \
+                 for bigger runs."
+            }
         };
         bail!(
             "{devices} sessions need about {needed} open files in this process, but its hard \

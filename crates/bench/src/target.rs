@@ -1,5 +1,6 @@
-//! The suite under test: started in this process (fresh namespace, removed afterwards), or a
-//! running one reached by its API and XMPP addresses.
+//! The server under test: the Pushgate suite started in this process (fresh namespace, removed
+//! afterwards), a running suite reached by its API and XMPP addresses, or a Prosody the bench
+//! starts for comparison (`--target prosody`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,25 +15,38 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
 
 use crate::api::Api;
-use crate::cli::Args;
+use crate::cli::{Args, TargetKind};
+use crate::prosody;
 
 /// Timeout of one HTTP request; a send that takes longer counts as an error.
 const HTTP_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// Where the suite is and how to talk to it.
+/// Where the server is and how to talk to it.
 pub struct Target {
-    pub api: Arc<Api>,
-    pub admin_token: String,
     pub xmpp: SocketAddr,
     pub tls: Arc<rustls::ClientConfig>,
     pub server_name: ServerName<'static>,
-    /// Process whose RSS counts as the edge's (`None`: this process).
+    /// Process whose RSS counts as the edge's (`None`: this process): `--edge-pid`, or
+    /// Prosody.
     pub edge_pid: Option<u32>,
     pub description: String,
-    local: Option<Local>,
+    pub backend: Backend,
 }
 
-struct Local {
+/// What is behind the XMPP address.
+pub enum Backend {
+    /// The Pushgate suite: messages go in through its HTTP API.
+    Pushgate {
+        api: Arc<Api>,
+        admin_token: String,
+        local: Option<Box<Local>>,
+    },
+    /// A Prosody started for this run: messages go in through XMPP sender sessions.
+    Prosody(Box<prosody::Server>),
+}
+
+/// An in-process suite and its namespace's connections (to remove the namespace afterwards).
+pub struct Local {
     suite: Suite,
     bus: Bus,
     store: Store,
@@ -47,13 +61,49 @@ fn client_config(roots: rustls::RootCertStore) -> Arc<rustls::ClientConfig> {
 }
 
 impl Target {
-    /// Starts or reaches the suite, as the arguments say.
+    /// Starts or reaches the server, as the arguments say.
     pub async fn open(args: &Args) -> anyhow::Result<Self> {
         pushgate_runtime::tls::install_crypto_provider();
-        match &args.api {
-            None => Self::start_local(args).await,
-            Some(api) => Self::remote(args, api).await,
+        match (args.target, &args.api) {
+            (TargetKind::Prosody, _) => Self::start_prosody(args).await,
+            (TargetKind::Pushgate, None) => Self::start_local(args).await,
+            (TargetKind::Pushgate, Some(api)) => Self::remote(args, api).await,
         }
+    }
+
+    async fn start_prosody(args: &Args) -> anyhow::Result<Self> {
+        let server = prosody::Server::start(
+            args.prosody_bin.as_deref(),
+            args.prosody_auth(),
+            args.devices,
+            args.senders(),
+            args.prosody_nodelay,
+            args.prosody_keep_dir,
+        )
+        .await?;
+        let roots = match read_roots(&server.ca) {
+            Ok(r) => r,
+            Err(e) => {
+                server.stop().await;
+                return Err(e);
+            }
+        };
+        Ok(Target {
+            xmpp: server.addr,
+            tls: client_config(roots),
+            server_name: ServerName::try_from(prosody::DOMAIN)?,
+            edge_pid: Some(server.pid),
+            description: format!(
+                "Prosody {} (pid {}) on {}, {}{}, files in {}",
+                server.version.as_deref().unwrap_or("?"),
+                server.pid,
+                server.addr,
+                server.auth.provider(),
+                if server.nodelay { ", Nagle off" } else { "" },
+                server.dir().display()
+            ),
+            backend: Backend::Prosody(Box::new(server)),
+        })
     }
 
     async fn start_local(args: &Args) -> anyhow::Result<Self> {
@@ -87,15 +137,17 @@ impl Target {
         let roots = Arc::unwrap_or_clone(pushgate_testkit::root_store()?);
         let name = args.tls_name.clone().unwrap_or_else(|| "localhost".into());
         Ok(Target {
-            api,
-            admin_token: pushgate_testkit::ADMIN_TOKEN.to_string(),
             xmpp: suite.addresses.xmpp_starttls,
             tls: client_config(roots),
             server_name: ServerName::try_from(name.clone())
                 .with_context(|| format!("{name:?} is not a TLS server name"))?,
             edge_pid: None,
             description: format!("in-process suite, namespace {namespace}, NATS {nats}"),
-            local: Some(Local { suite, bus, store }),
+            backend: Backend::Pushgate {
+                api,
+                admin_token: pushgate_testkit::ADMIN_TOKEN.to_string(),
+                local: Some(Box::new(Local { suite, bus, store })),
+            },
         })
     }
 
@@ -103,13 +155,8 @@ impl Target {
         let (Some(token), Some(ca), Some(xmpp)) = (&args.admin_token, &args.ca, &args.xmpp) else {
             bail!("--api needs --admin-token, --ca and --xmpp");
         };
+        let roots = read_roots(ca)?;
         let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
-        let mut roots = rustls::RootCertStore::empty();
-        for c in CertificateDer::pem_slice_iter(&pem) {
-            roots
-                .add(c.with_context(|| format!("{} is not PEM certificates", ca.display()))?)
-                .context("adding the CA")?;
-        }
         let http = reqwest::Client::builder()
             .tls_certs_only([reqwest::Certificate::from_pem(&pem)?])
             .timeout(HTTP_TIMEOUT)
@@ -125,34 +172,61 @@ impl Target {
         };
         let name = args.tls_name.clone().unwrap_or(host);
         Ok(Target {
-            api: Arc::new(Api::new(http, api)),
-            admin_token: token.clone(),
             xmpp: addr,
             tls: client_config(roots),
             server_name: ServerName::try_from(name.clone())
                 .with_context(|| format!("{name:?} is not a TLS server name"))?,
             edge_pid: args.edge_pid,
             description: format!("running suite at {api}, XMPP {addr}"),
-            local: None,
+            backend: Backend::Pushgate {
+                api: Arc::new(Api::new(http, api)),
+                admin_token: token.clone(),
+                local: None,
+            },
         })
     }
 
     /// Whether the suite runs in this process.
     pub fn in_process(&self) -> bool {
-        self.local.is_some()
+        matches!(self.backend, Backend::Pushgate { local: Some(_), .. })
     }
 
-    /// Stops an in-process suite and removes its namespace's streams and keys; a running
-    /// suite is left as it is (the bench's app and devices stay in it).
-    pub async fn close(self) {
-        if let Some(l) = self.local {
-            l.suite.stop().await;
-            if let Err(e) = l.bus.delete_namespace().await {
-                eprintln!("warning: cannot delete the bench's NATS streams: {e}");
-            }
-            if let Err(e) = l.store.delete_namespace().await {
-                eprintln!("warning: cannot delete the bench's Redis keys: {e}");
-            }
+    /// `pushgate` or `prosody`.
+    pub fn kind(&self) -> TargetKind {
+        match self.backend {
+            Backend::Pushgate { .. } => TargetKind::Pushgate,
+            Backend::Prosody(_) => TargetKind::Prosody,
         }
     }
+
+    /// Stops an in-process suite and removes its namespace's streams and keys, or stops
+    /// Prosody and removes its directory; a running suite is left as it is (the bench's app
+    /// and devices stay in it).
+    pub async fn close(self) {
+        match self.backend {
+            Backend::Pushgate { local: Some(l), .. } => {
+                l.suite.stop().await;
+                if let Err(e) = l.bus.delete_namespace().await {
+                    eprintln!("warning: cannot delete the bench's NATS streams: {e}");
+                }
+                if let Err(e) = l.store.delete_namespace().await {
+                    eprintln!("warning: cannot delete the bench's Redis keys: {e}");
+                }
+            }
+            Backend::Pushgate { local: None, .. } => {}
+            Backend::Prosody(server) => server.stop().await,
+        }
+    }
+}
+
+/// The certificates of a PEM file as trust anchors.
+fn read_roots(ca: &std::path::Path) -> anyhow::Result<rustls::RootCertStore> {
+    let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(&pem) {
+        roots
+            .add(c.with_context(|| format!("{} is not PEM certificates", ca.display()))?)
+            .context("adding the CA")?;
+    }
+    Ok(roots)
 }

@@ -1,7 +1,8 @@
-//! Bookkeeping of every message: when its 202 arrived, when and where a device received it,
-//! when its `delivered` webhook event arrived. The three happen in any order (a device often
-//! has the message before the sender has read the 202), so each message has one entry that
-//! whichever side comes first creates.
+//! Bookkeeping of every message: its origin (when its 202 arrived; against Prosody, when a
+//! sender wrote it), when and where a device received it, and its end-to-end confirmation (the
+//! `delivered` webhook event; against Prosody, the device's receipt back at the sender). The
+//! three happen in any order (a device often has the message before the sender has read the
+//! 202), so each message has one entry that whichever side comes first creates.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,6 +40,16 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     }
 }
 
+/// What confirms a message end to end, besides the device seeing it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Confirm {
+    /// The `delivered` event at the bench's webhook receiver (Pushgate).
+    #[default]
+    Webhook,
+    /// The device's XEP-0184 receipt back at the sender (Prosody: no webhooks there).
+    Receipt,
+}
+
 /// Device index used before a side is known.
 const UNKNOWN: u32 = u32::MAX;
 
@@ -48,11 +59,12 @@ struct Entry {
     expected: u32,
     /// The device that received it first.
     received_by: u32,
+    /// The 202 (or the sender's write).
     accepted_at: Option<Instant>,
     device_at: Option<Instant>,
-    webhook_at: Option<Instant>,
+    confirmed_at: Option<Instant>,
     device_count: u32,
-    webhook_count: u32,
+    confirm_count: u32,
 }
 
 impl Default for Entry {
@@ -62,9 +74,9 @@ impl Default for Entry {
             received_by: UNKNOWN,
             accepted_at: None,
             device_at: None,
-            webhook_at: None,
+            confirmed_at: None,
             device_count: 0,
-            webhook_count: 0,
+            confirm_count: 0,
         }
     }
 }
@@ -74,7 +86,7 @@ impl Default for Entry {
 struct SecondCounts {
     accepted: u64,
     delivered: u64,
-    webhook: u64,
+    confirmed: u64,
 }
 
 #[derive(Default)]
@@ -85,10 +97,10 @@ struct Inner {
     seconds: Vec<SecondCounts>,
     /// Latencies (µs) completed since the last progress line.
     recent_device: Vec<u64>,
-    recent_webhook: Vec<u64>,
-    /// When the last first-receipt and the last first-webhook event arrived.
+    recent_confirm: Vec<u64>,
+    /// When the last first-receipt and the last first confirmation arrived.
     last_device_at: Option<Instant>,
-    last_webhook_at: Option<Instant>,
+    last_confirm_at: Option<Instant>,
 }
 
 impl Inner {
@@ -107,11 +119,12 @@ impl Inner {
 /// Live counters for progress lines.
 #[derive(Default)]
 pub struct Counters {
+    /// 202s (Pushgate) or messages written by the senders (Prosody).
     pub accepted: AtomicU64,
     /// First receipt of a message at a device.
     pub delivered: AtomicU64,
-    /// First `delivered` webhook event of a message.
-    pub webhook: AtomicU64,
+    /// First confirmation of a message (webhook `delivered` event, or receipt at the sender).
+    pub confirmed: AtomicU64,
     pub device_duplicates: AtomicU64,
     /// HTTP round trips of accepted send requests (µs), for the accept latency.
     http_us: Mutex<Vec<u64>>,
@@ -139,20 +152,20 @@ impl Tracker {
         lock(&self.inner).epoch = Some(Instant::now());
     }
 
-    /// The 202 for message `id`, sent to device `expected`, arrived at `at`; the request
-    /// took `round_trip`.
+    /// The 202 for message `id`, sent to device `expected`, arrived at `at` (against Prosody:
+    /// a sender wrote it at `at`).
     pub fn accepted(&self, id: u128, expected: u32, at: Instant) {
         let mut g = lock(&self.inner);
         let e = g.msgs.entry(id).or_default();
         e.expected = expected;
         e.accepted_at = Some(at);
-        let (device_at, webhook_at) = (e.device_at, e.webhook_at);
+        let (device_at, confirmed_at) = (e.device_at, e.confirmed_at);
         if let Some(d) = device_at {
             g.recent_device
                 .push(micros(d.saturating_duration_since(at)));
         }
-        if let Some(w) = webhook_at {
-            g.recent_webhook
+        if let Some(w) = confirmed_at {
+            g.recent_confirm
                 .push(micros(w.saturating_duration_since(at)));
         }
         g.second(at).accepted += 1;
@@ -190,43 +203,45 @@ impl Tracker {
         self.counters.delivered.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The webhook receiver got a `delivered` event of message `id` at `at`.
-    pub fn webhook_delivered(&self, id: u128, at: Instant) {
+    /// Message `id` was confirmed at `at`: its `delivered` webhook event reached the receiver,
+    /// or its receipt reached the sender. Returns whether this was the first confirmation.
+    pub fn confirmed(&self, id: u128, at: Instant) -> bool {
         let mut g = lock(&self.inner);
         let e = g.msgs.entry(id).or_default();
-        e.webhook_count = e.webhook_count.saturating_add(1);
-        if e.webhook_count > 1 {
-            return;
+        e.confirm_count = e.confirm_count.saturating_add(1);
+        if e.confirm_count > 1 {
+            return false;
         }
-        e.webhook_at = Some(at);
+        e.confirmed_at = Some(at);
         let accepted_at = e.accepted_at;
-        g.last_webhook_at = Some(at);
+        g.last_confirm_at = Some(at);
         if let Some(a) = accepted_at {
-            g.recent_webhook
+            g.recent_confirm
                 .push(micros(at.saturating_duration_since(a)));
         }
-        g.second(at).webhook += 1;
+        g.second(at).confirmed += 1;
         drop(g);
-        self.counters.webhook.fetch_add(1, Ordering::Relaxed);
+        self.counters.confirmed.fetch_add(1, Ordering::Relaxed);
+        true
     }
 
-    /// Latencies (µs) completed since the last call: accept→delivered, accept→webhook.
+    /// Latencies (µs) completed since the last call: origin→delivered, origin→confirmed.
     pub fn take_recent(&self) -> (Vec<u64>, Vec<u64>) {
         let mut g = lock(&self.inner);
         (
             std::mem::take(&mut g.recent_device),
-            std::mem::take(&mut g.recent_webhook),
+            std::mem::take(&mut g.recent_confirm),
         )
     }
 
-    /// Whether every accepted message has reached its device and its webhook event.
+    /// Whether every accepted message has reached its device and been confirmed.
     pub fn settled(&self) -> bool {
         let c = &self.counters;
         let accepted = c.accepted.load(Ordering::Relaxed);
         c.delivered.load(Ordering::Relaxed) >= accepted
-            && c.webhook.load(Ordering::Relaxed) >= accepted
+            && c.confirmed.load(Ordering::Relaxed) >= accepted
             && lock(&self.inner).msgs.values().all(|e| {
-                e.accepted_at.is_none() || (e.device_at.is_some() && e.webhook_at.is_some())
+                e.accepted_at.is_none() || (e.device_at.is_some() && e.confirmed_at.is_some())
             })
     }
 
@@ -240,15 +255,15 @@ impl Tracker {
             _ => None,
         };
         a.device_span_secs = span(g.last_device_at);
-        a.webhook_span_secs = span(g.last_webhook_at);
+        a.confirm_span_secs = span(g.last_confirm_at);
         let mut by_second: BTreeMap<u64, (Vec<u64>, Vec<u64>)> = BTreeMap::new();
         for e in g.msgs.values() {
             if e.device_count > 1 {
                 a.reconciliation.duplicated_at_device += 1;
                 a.reconciliation.duplicate_copies += u64::from(e.device_count - 1);
             }
-            if e.webhook_count > 1 {
-                a.reconciliation.duplicate_webhook_events += u64::from(e.webhook_count - 1);
+            if e.confirm_count > 1 {
+                a.reconciliation.duplicate_confirmations += u64::from(e.confirm_count - 1);
             }
             let Some(acc) = e.accepted_at else {
                 if e.device_count > 0 {
@@ -275,17 +290,17 @@ impl Tracker {
                 }
                 None => a.reconciliation.missing_at_device += 1,
             }
-            match e.webhook_at {
+            match e.confirmed_at {
                 Some(w) => {
                     let l = micros(w.saturating_duration_since(acc));
-                    a.webhook_us.push(l);
+                    a.confirm_us.push(l);
                     slot.1.push(l);
                 }
-                None => a.reconciliation.missing_webhook_delivered += 1,
+                None => a.reconciliation.missing_confirmation += 1,
             }
         }
         a.device_us.sort_unstable();
-        a.webhook_us.sort_unstable();
+        a.confirm_us.sort_unstable();
         let n = g
             .seconds
             .len()
@@ -299,11 +314,11 @@ impl Tracker {
                 t: s as u64,
                 accepted: counts.accepted,
                 delivered: counts.delivered,
-                webhook: counts.webhook,
+                confirmed: counts.confirmed,
                 delivered_p50_ms: ms(percentile(&d, 0.50)),
                 delivered_p99_ms: ms(percentile(&d, 0.99)),
-                webhook_p50_ms: ms(percentile(&w, 0.50)),
-                webhook_p99_ms: ms(percentile(&w, 0.99)),
+                confirmed_p50_ms: ms(percentile(&w, 0.50)),
+                confirmed_p99_ms: ms(percentile(&w, 0.99)),
             });
         }
         drop(g);
@@ -313,7 +328,7 @@ impl Tracker {
         a.reconciliation.ok = a.reconciliation.missing_at_device == 0
             && a.reconciliation.duplicated_at_device == 0
             && a.reconciliation.wrong_device == 0
-            && a.reconciliation.missing_webhook_delivered == 0;
+            && a.reconciliation.missing_confirmation == 0;
         a
     }
 }
@@ -323,35 +338,39 @@ impl Tracker {
 pub struct Analysis {
     /// Sorted accept→delivered latencies (µs).
     pub device_us: Vec<u64>,
-    /// Sorted accept→webhook latencies (µs).
-    pub webhook_us: Vec<u64>,
+    /// Sorted accept→confirmed latencies (µs): webhook event, or receipt at the sender.
+    pub confirm_us: Vec<u64>,
     /// Sorted HTTP round trips of accepted requests (µs).
     pub http_us: Vec<u64>,
     pub per_second: Vec<SecondStats>,
     pub reconciliation: Reconciliation,
-    /// From the start of sending to the last first-receipt / first webhook `delivered`.
+    /// From the start of sending to the last first-receipt / first confirmation.
     pub device_span_secs: Option<f64>,
-    pub webhook_span_secs: Option<f64>,
+    pub confirm_span_secs: Option<f64>,
 }
 
 /// One second of the sending phase: counts by event time, latencies of the messages
-/// accepted in that second.
-#[derive(Debug, Clone, Serialize)]
+/// accepted in that second. The report names the fields after the target
+/// (`report::PerSecond`).
+#[derive(Debug, Clone)]
 pub struct SecondStats {
     pub t: u64,
+    /// 202s, or messages the senders wrote.
     pub accepted: u64,
     pub delivered: u64,
-    pub webhook: u64,
+    /// Webhook `delivered` events, or receipts at the senders.
+    pub confirmed: u64,
     pub delivered_p50_ms: Option<f64>,
     pub delivered_p99_ms: Option<f64>,
-    pub webhook_p50_ms: Option<f64>,
-    pub webhook_p99_ms: Option<f64>,
+    pub confirmed_p50_ms: Option<f64>,
+    pub confirmed_p99_ms: Option<f64>,
 }
 
-/// Did every accepted message arrive exactly once where it should?
-#[derive(Debug, Default, Clone, Serialize)]
+/// Did every accepted message arrive exactly once where it should? (Named after the target
+/// in the report: `report::ReconciliationReport`.)
+#[derive(Debug, Default, Clone)]
 pub struct Reconciliation {
-    /// Messages whose 202 arrived.
+    /// Messages whose 202 arrived (or that a sender wrote).
     pub accepted: u64,
     /// Accepted messages no device received.
     pub missing_at_device: u64,
@@ -360,16 +379,17 @@ pub struct Reconciliation {
     pub duplicate_copies: u64,
     /// Accepted messages received by a device other than the one they were sent to.
     pub wrong_device: u64,
-    /// Accepted messages without a `delivered` webhook event.
-    pub missing_webhook_delivered: u64,
-    /// Extra `delivered` webhook events (webhooks are at-least-once; not a failure).
-    pub duplicate_webhook_events: u64,
+    /// Accepted messages without a confirmation (webhook `delivered` event, or receipt at the
+    /// sender).
+    pub missing_confirmation: u64,
+    /// Extra confirmations (webhooks are at-least-once; not a failure).
+    pub duplicate_confirmations: u64,
     /// Messages a device received whose request did not answer 202 (a timed-out request whose
     /// messages were committed anyway; not a failure).
     pub received_not_accepted: u64,
     /// Messages the device had before the sender read the 202 (latency counted as 0).
     pub received_before_202: u64,
-    /// No accepted message missing, duplicated or misrouted.
+    /// No accepted message missing, duplicated, misrouted or unconfirmed.
     pub ok: bool,
 }
 
@@ -439,11 +459,11 @@ mod tests {
         // a: 202 first, then device, then webhook
         t.accepted(1, 0, now);
         t.device_received(1, 0, now + Duration::from_millis(3));
-        t.webhook_delivered(1, now + Duration::from_millis(200));
+        t.confirmed(1, now + Duration::from_millis(200));
         // b: device before the 202
         t.device_received(2, 1, now);
         t.accepted(2, 1, now + Duration::from_millis(1));
-        t.webhook_delivered(2, now + Duration::from_millis(100));
+        t.confirmed(2, now + Duration::from_millis(100));
         let a = t.analyse();
         assert!(a.reconciliation.ok, "{:?}", a.reconciliation);
         assert_eq!(a.reconciliation.received_before_202, 1);
@@ -455,12 +475,14 @@ mod tests {
         t.device_received(3, 0, now);
         t.accepted(4, 0, now);
         t.device_received(4, 1, now);
-        t.webhook_delivered(4, now);
+        assert!(t.confirmed(4, now));
+        assert!(!t.confirmed(4, now));
         let r = t.analyse().reconciliation;
         assert!(!r.ok);
         assert_eq!(r.duplicated_at_device, 1);
         assert_eq!(r.duplicate_copies, 1);
-        assert_eq!(r.missing_webhook_delivered, 1);
+        assert_eq!(r.missing_confirmation, 1);
+        assert_eq!(r.duplicate_confirmations, 1);
         assert_eq!(r.wrong_device, 1);
         assert!(!t.settled());
     }

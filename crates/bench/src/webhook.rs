@@ -73,7 +73,9 @@ async fn receive(State(hook): State<Arc<Hook>>, headers: HeaderMap, body: Bytes)
         *counts.entry(ev.event.as_ref()).or_default() += 1;
         if ev.event == "delivered" {
             match ev.message_id.as_deref().and_then(key) {
-                Some(id) => hook.tracker.webhook_delivered(id, at),
+                Some(id) => {
+                    hook.tracker.confirmed(id, at);
+                }
                 None => hook.errors.add("webhook-event-without-message-id"),
             }
         }

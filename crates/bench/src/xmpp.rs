@@ -5,6 +5,9 @@
 //!
 //! The receive time of a message is taken when its stanza is parsed, before the receipt is
 //! written, which is what the accept→delivered latency means from the device's point of view.
+//!
+//! The same login serves the XMPP senders of `--target prosody` (`crate::xload`), which take
+//! the connection apart after it.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -27,13 +30,18 @@ use tokio_util::sync::CancellationToken;
 
 use crate::tracker::{key, Tracker};
 
-const NS_CLIENT: &str = "jabber:client";
+pub(crate) const NS_CLIENT: &str = "jabber:client";
 const NS_TLS: &str = "urn:ietf:params:xml:ns:xmpp-tls";
 const NS_SASL: &str = "urn:ietf:params:xml:ns:xmpp-sasl";
 const NS_BIND: &str = "urn:ietf:params:xml:ns:xmpp-bind";
-const NS_SM: &str = "urn:xmpp:sm:3";
-const NS_RECEIPTS: &str = "urn:xmpp:receipts";
-const NS_PING: &str = "urn:xmpp:ping";
+pub(crate) const NS_SM: &str = "urn:xmpp:sm:3";
+pub(crate) const NS_RECEIPTS: &str = "urn:xmpp:receipts";
+pub(crate) const NS_PING: &str = "urn:xmpp:ping";
+/// The SASL mechanism every session logs in with (reported with the results).
+pub const MECHANISM: &str = "SCRAM-SHA-256";
+/// The resource every session binds: the Prosody senders address devices by full JID
+/// (`bu7@localhost/bench`), which needs no presence.
+pub const RESOURCE: &str = "bench";
 const NS_RETRACT: &str = "urn:xmpp:message-retract:1";
 
 /// What the device accepts from the server: messages are small, and a server that sends more
@@ -51,7 +59,7 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// PBKDF2 iterations a server may ask for; more is a misbehaving (or hostile) server.
 const MAX_SCRAM_ITERATIONS: u32 = 1_000_000;
 
-type Tls = TlsStream<TcpStream>;
+pub(crate) type Tls = TlsStream<TcpStream>;
 
 /// Why a session could not log in or ended; [`SessionError::kind`] is the error-count key.
 #[derive(Debug, thiserror::Error)]
@@ -231,7 +239,7 @@ async fn features<R: tokio::io::AsyncRead + Unpin>(
     Ok(f)
 }
 
-fn stream_error(e: &Element) -> SessionError {
+pub(crate) fn stream_error(e: &Element) -> SessionError {
     let cond = e
         .children
         .iter()
@@ -241,7 +249,10 @@ fn stream_error(e: &Element) -> SessionError {
     SessionError::Stream(cond)
 }
 
-async fn write<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, s: &str) -> Result<(), SessionError> {
+pub(crate) async fn write<W: tokio::io::AsyncWrite + Unpin>(
+    w: &mut W,
+    s: &str,
+) -> Result<(), SessionError> {
     let fut = async {
         w.write_all(s.as_bytes()).await?;
         w.flush().await
@@ -340,7 +351,7 @@ impl Scram {
 }
 
 /// A bound session with stream management on.
-struct Conn {
+pub(crate) struct Conn {
     reader: StanzaReader<ReadHalf<Tls>>,
     writer: WriteHalf<Tls>,
     domain: String,
@@ -351,8 +362,26 @@ struct Conn {
     early: Vec<Element>,
 }
 
+/// A logged-in connection taken apart, for the Prosody senders.
+pub(crate) struct Parts {
+    pub reader: StanzaReader<ReadHalf<Tls>>,
+    pub writer: WriteHalf<Tls>,
+    /// Stanzas that arrived before `<enabled/>` (not counted by stream management).
+    pub early: Vec<Element>,
+}
+
+impl Conn {
+    pub(crate) fn into_parts(self) -> Parts {
+        Parts {
+            reader: self.reader,
+            writer: self.writer,
+            early: self.early,
+        }
+    }
+}
+
 /// Connects, STARTTLS, SCRAM-SHA-256, bind, stream management.
-async fn login(shared: &Shared, device: &Device) -> Result<Conn, SessionError> {
+pub(crate) async fn login(shared: &Shared, device: &Device) -> Result<Conn, SessionError> {
     let (local, domain) = device
         .jid
         .split_once('@')
@@ -404,9 +433,9 @@ async fn login(shared: &Shared, device: &Device) -> Result<Conn, SessionError> {
     let f = features(&mut r, "sasl").await?;
     let offered = f
         .child("mechanisms", NS_SASL)
-        .is_some_and(|m| m.children.iter().any(|c| c.text == "SCRAM-SHA-256"));
+        .is_some_and(|m| m.children.iter().any(|c| c.text == MECHANISM));
     if !offered {
-        return Err(SessionError::Protocol("SCRAM-SHA-256 not offered".into()));
+        return Err(SessionError::Protocol(format!("{MECHANISM} not offered")));
     }
     let scram = Scram::new(local);
     write(
@@ -459,7 +488,7 @@ async fn login(shared: &Shared, device: &Device) -> Result<Conn, SessionError> {
     }
     write(
         &mut wr,
-        "<iq type='set' id='b1'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>bench</resource></bind></iq>",
+        &format!("<iq type='set' id='b1'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>{RESOURCE}</resource></bind></iq>"),
     )
     .await?;
     let bound = next_stanza(&mut r, "bind").await?;
@@ -558,9 +587,12 @@ impl Conn {
                     None => shared.stats.error("device-got-unknown-message-id".into()),
                 }
                 if e.child("request", NS_RECEIPTS).is_some() {
+                    // to the sender (XEP-0184): Pushgate's edge sends from its domain, a
+                    // Prosody sender from its own JID
+                    let to = e.attr("from").unwrap_or(&self.domain);
                     let receipt = format!(
                         "<message to='{d}' id='r-{id}'><received xmlns='urn:xmpp:receipts' id='{id}'/></message>",
-                        d = escape(&self.domain),
+                        d = escape(to),
                         id = escape(id)
                     );
                     write(&mut self.writer, &receipt).await?;
