@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use crate::cli::Rate;
 use crate::load::Sent;
 use crate::tracker::{key, Errors, Tracker};
-use crate::xmpp::{self, Tls, NS_CLIENT, NS_PING, NS_RECEIPTS, NS_SM};
+use crate::xmpp::{self, Tls, NS_CLIENT, NS_RECEIPTS, NS_SM};
 
 /// Messages written at most in one write when behind the schedule or when the window opens.
 const MAX_BURST: usize = 64;
@@ -223,14 +223,7 @@ fn on_stanza(
             }
         }
         ("iq", NS_CLIENT) => {
-            let kind = e.attr("type").unwrap_or("");
-            if kind == "get" || kind == "set" {
-                let id = escape(e.attr("id").unwrap_or(""));
-                let answer = if e.child("ping", NS_PING).is_some() {
-                    format!("<iq type='result' id='{id}'/>")
-                } else {
-                    format!("<iq type='error' id='{id}'><error type='cancel'><service-unavailable xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></iq>")
-                };
+            if let Some(answer) = xmpp::iq_answer(e) {
                 let _ = ctl.send(answer);
             }
         }

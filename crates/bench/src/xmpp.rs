@@ -350,6 +350,21 @@ impl Scram {
     }
 }
 
+/// The answer a client owes to an `iq` get/set from the server: a result to a ping, an error
+/// to anything else; `None` for results and errors, which need no answer.
+pub(crate) fn iq_answer(e: &Element) -> Option<String> {
+    let kind = e.attr("type").unwrap_or("");
+    if kind != "get" && kind != "set" {
+        return None;
+    }
+    let id = escape(e.attr("id").unwrap_or(""));
+    Some(if e.child("ping", NS_PING).is_some() {
+        format!("<iq type='result' id='{id}'/>")
+    } else {
+        format!("<iq type='error' id='{id}'><error type='cancel'><service-unavailable xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></iq>")
+    })
+}
+
 /// A bound session with stream management on.
 pub(crate) struct Conn {
     reader: StanzaReader<ReadHalf<Tls>>,
@@ -600,14 +615,7 @@ impl Conn {
                 }
             }
             ("iq", NS_CLIENT) => {
-                let kind = e.attr("type").unwrap_or("");
-                if kind == "get" || kind == "set" {
-                    let id = escape(e.attr("id").unwrap_or(""));
-                    let answer = if e.child("ping", NS_PING).is_some() {
-                        format!("<iq type='result' id='{id}'/>")
-                    } else {
-                        format!("<iq type='error' id='{id}'><error type='cancel'><service-unavailable xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></iq>")
-                    };
+                if let Some(answer) = iq_answer(&e) {
                     write(&mut self.writer, &answer).await?;
                 }
             }

@@ -1,10 +1,7 @@
 //! The ingress-api binary: configuration and signals around [`ingress_api::Service`].
 
-use anyhow::Context;
 use ingress_api::{Service, Settings};
-use pushgate_bus::Bus;
 use pushgate_runtime::{service, telemetry, Metrics};
-use pushgate_store::Store;
 
 pushgate_runtime::global_allocator!();
 
@@ -15,12 +12,7 @@ async fn main() -> anyhow::Result<()> {
     settings.ingress.validate()?;
     let _guard = telemetry::init(&settings.common.telemetry)?;
     let c = &settings.common;
-    let bus = Bus::connect_with(&c.nats_url, &c.namespace, c.nats_replicas)
-        .await
-        .context("connecting to NATS")?;
-    let store = Store::connect(&c.redis_url, &c.namespace)
-        .await
-        .context("connecting to Redis")?;
+    let (bus, store) = service::connect_backends(c).await?;
     let svc = Service::build(
         settings.common.clone(),
         settings.ingress.clone(),

@@ -1,11 +1,8 @@
 //! The native-push-bridge binary: configuration and signals around
 //! [`native_push_bridge::Service`].
 
-use anyhow::Context;
 use native_push_bridge::{Service, Settings};
-use pushgate_bus::Bus;
 use pushgate_runtime::{service, telemetry, Metrics};
-use pushgate_store::Store;
 
 pushgate_runtime::global_allocator!();
 
@@ -16,12 +13,7 @@ async fn main() -> anyhow::Result<()> {
     settings.bridge.validate()?;
     let _guard = telemetry::init(&settings.common.telemetry)?;
     let c = &settings.common;
-    let bus = Bus::connect_with(&c.nats_url, &c.namespace, c.nats_replicas)
-        .await
-        .context("connecting to NATS")?;
-    let store = Store::connect(&c.redis_url, &c.namespace)
-        .await
-        .context("connecting to Redis")?;
+    let (bus, store) = service::connect_backends(c).await?;
     let svc = Service::build(settings.bridge.clone(), bus, store, Metrics::new()).await?;
     tracing::info!(ops = %svc.ops_addr(), "native-push-bridge running");
     svc.run_until(service::shutdown_on_signal()).await;

@@ -15,9 +15,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use pushgate::{Suite, SuiteSettings};
-use pushgate_bus::Bus;
 use pushgate_runtime::{service, telemetry, Metrics};
-use pushgate_store::Store;
 
 fn arg_value(name: &str) -> Option<String> {
     let mut args = std::env::args().skip(1);
@@ -63,12 +61,7 @@ async fn main() -> anyhow::Result<()> {
     settings.ingress.validate()?;
     let _guard = telemetry::init(&settings.common.telemetry)?;
     let c = &settings.common;
-    let bus = Bus::connect_with(&c.nats_url, &c.namespace, c.nats_replicas)
-        .await
-        .context("connecting to NATS")?;
-    let store = Store::connect(&c.redis_url, &c.namespace)
-        .await
-        .context("connecting to Redis")?;
+    let (bus, store) = service::connect_backends(c).await?;
     let suite = Suite::start(settings.clone(), bus, store, Metrics::new()).await?;
     print_quickstart(&settings, &suite);
     let stop = service::shutdown_on_signal();
@@ -94,12 +87,7 @@ async fn purge() -> anyhow::Result<()> {
             c.redis_url
         );
     }
-    let bus = Bus::connect_with(&c.nats_url, &c.namespace, c.nats_replicas)
-        .await
-        .context("connecting to NATS")?;
-    let store = Store::connect(&c.redis_url, &c.namespace)
-        .await
-        .context("connecting to Redis")?;
+    let (bus, store) = service::connect_backends(c).await?;
     bus.delete_namespace()
         .await
         .context("deleting the namespace's streams")?;

@@ -2,10 +2,8 @@
 //! operations endpoints and delivers webhook batches until SIGTERM/ctrl-c.
 
 use anyhow::Context;
-use pushgate_bus::Bus;
 use pushgate_runtime::ops::{self, Readiness};
 use pushgate_runtime::{service, telemetry, Metrics};
-use pushgate_store::Store;
 use receipt_webhook::{Service, Settings};
 use tokio::net::TcpListener;
 
@@ -18,8 +16,7 @@ async fn main() -> anyhow::Result<()> {
     let _telemetry = telemetry::init(&settings.common.telemetry)?;
     let common = &settings.common;
     let metrics = Metrics::new();
-    let bus = Bus::connect_with(&common.nats_url, &common.namespace, common.nats_replicas).await?;
-    let store = Store::connect(&common.redis_url, &common.namespace).await?;
+    let (bus, store) = service::connect_backends(common).await?;
     let listener = TcpListener::bind(&settings.webhook.ops_listen)
         .await
         .with_context(|| {

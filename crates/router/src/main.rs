@@ -1,9 +1,6 @@
 //! The router binary: configuration and signals around [`router::Service`].
 
-use anyhow::Context;
-use pushgate_bus::Bus;
 use pushgate_runtime::{service, telemetry, Metrics};
-use pushgate_store::Store;
 use router::{Service, Settings};
 
 pushgate_runtime::global_allocator!();
@@ -15,12 +12,7 @@ async fn main() -> anyhow::Result<()> {
     settings.router.validate()?;
     let _guard = telemetry::init(&settings.common.telemetry)?;
     let c = &settings.common;
-    let bus = Bus::connect_with(&c.nats_url, &c.namespace, c.nats_replicas)
-        .await
-        .context("connecting to NATS")?;
-    let store = Store::connect(&c.redis_url, &c.namespace)
-        .await
-        .context("connecting to Redis")?;
+    let (bus, store) = service::connect_backends(c).await?;
     let svc = Service::build(settings.router.clone(), bus, store, Metrics::new()).await?;
     svc.run_until(service::shutdown_on_signal()).await;
     Ok(())

@@ -3,7 +3,32 @@
 
 use std::path::PathBuf;
 
+use pushgate_bus::{Bus, BusError};
+use pushgate_store::{Store, StoreError};
 use tokio_util::sync::CancellationToken;
+
+use crate::CommonSettings;
+
+/// Why a binary could not reach its shared backends at start.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("connecting to NATS")]
+    Nats(#[source] BusError),
+    #[error("connecting to Redis")]
+    Redis(#[source] StoreError),
+}
+
+/// Connects to NATS (streams created as the settings say) and Redis, in the namespace of
+/// `common`: the first thing every binary does after reading its settings.
+pub async fn connect_backends(common: &CommonSettings) -> Result<(Bus, Store), BackendError> {
+    let bus = Bus::connect_with(&common.nats_url, &common.namespace, common.nats_replicas)
+        .await
+        .map_err(BackendError::Nats)?;
+    let store = Store::connect(&common.redis_url, &common.namespace)
+        .await
+        .map_err(BackendError::Redis)?;
+    Ok((bus, store))
+}
 
 /// The config file: `--config PATH` argument, else `PUSHGATE_CONFIG`, else none (defaults and
 /// environment only).
