@@ -234,11 +234,45 @@ impl SessionHandle {
     }
 }
 
-/// Registry key: (app id, device id).
-type DeviceKey = (String, String);
+/// Live sessions by app and device: normally one per device, two for the moment a new login
+/// replaces an old one. Keyed by device so that hand-overs, retractions and replacements find
+/// their session directly however many sessions the edge holds; nested by app so that a
+/// lookup (once per hand-over) borrows the ids instead of building a key.
+#[derive(Default)]
+struct Registry(HashMap<String, HashMap<String, Vec<SessionHandle>>>);
 
-fn device_key(app: &str, device: &str) -> DeviceKey {
-    (app.to_string(), device.to_string())
+impl Registry {
+    fn get(&self, app: &str, device: &str) -> Option<&Vec<SessionHandle>> {
+        self.0.get(app)?.get(device)
+    }
+
+    fn insert(&mut self, app: &str, device: &str, h: SessionHandle) {
+        self.0
+            .entry(app.to_string())
+            .or_default()
+            .entry(device.to_string())
+            .or_default()
+            .push(h);
+    }
+
+    fn remove(&mut self, app: &str, device: &str, session_id: &str) {
+        let Some(devices) = self.0.get_mut(app) else {
+            return;
+        };
+        if let Some(list) = devices.get_mut(device) {
+            list.retain(|h| h.session_id != session_id);
+            if list.is_empty() {
+                devices.remove(device);
+            }
+        }
+        if devices.is_empty() {
+            self.0.remove(app);
+        }
+    }
+
+    fn all(&self) -> impl Iterator<Item = &SessionHandle> {
+        self.0.values().flat_map(|d| d.values()).flatten()
+    }
 }
 
 /// One edge instance.
@@ -251,10 +285,7 @@ pub struct Edge {
     outbox: Outbox,
     metrics: Arc<Metrics>,
     tls: ReloadableTls,
-    /// Live sessions by device: normally one, two for the moment a new login replaces an
-    /// old one. Keyed by device so that hand-overs, retractions and replacements find their
-    /// session directly however many sessions the edge holds.
-    sessions: Mutex<HashMap<DeviceKey, Vec<SessionHandle>>>,
+    sessions: Mutex<Registry>,
 }
 
 impl Edge {
@@ -266,7 +297,7 @@ impl Edge {
         }
     }
 
-    fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<DeviceKey, Vec<SessionHandle>>> {
+    fn sessions(&self) -> std::sync::MutexGuard<'_, Registry> {
         match self.sessions.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
@@ -274,27 +305,17 @@ impl Edge {
     }
 
     fn register(&self, d: &Device, h: SessionHandle) {
-        self.sessions()
-            .entry(device_key(&d.app_id, &d.device_id))
-            .or_default()
-            .push(h);
+        self.sessions().insert(&d.app_id, &d.device_id, h);
     }
 
     fn unregister(&self, d: &Device, session_id: &str) {
-        let key = device_key(&d.app_id, &d.device_id);
-        let mut sessions = self.sessions();
-        if let Some(list) = sessions.get_mut(&key) {
-            list.retain(|h| h.session_id != session_id);
-            if list.is_empty() {
-                sessions.remove(&key);
-            }
-        }
+        self.sessions().remove(&d.app_id, &d.device_id, session_id);
     }
 
     /// Whether this edge still runs a session of the device (a resume may race the old
     /// session noticing its connection is gone).
     fn has_session(&self, app: &str, device: &str) -> bool {
-        self.sessions().contains_key(&device_key(app, device))
+        self.sessions().get(app, device).is_some()
     }
 
     /// Closes other sessions of the device: here directly, elsewhere by broadcast.
@@ -331,7 +352,7 @@ impl Edge {
         cond: &'static str,
         text: &str,
     ) {
-        if let Some(list) = self.sessions().get(&device_key(app, device)) {
+        if let Some(list) = self.sessions().get(app, device) {
             for h in list {
                 if Some(h.session_id.as_str()) != except {
                     let _ = h.tx.try_send(SessionCmd::Close(cond, text.to_string()));
@@ -442,7 +463,7 @@ impl Service {
             outbox,
             metrics,
             tls,
-            sessions: Mutex::new(HashMap::new()),
+            sessions: Mutex::new(Registry::default()),
         });
         Ok(Service {
             edge,
@@ -558,7 +579,7 @@ impl Service {
             shutdown.clone(),
         )
         .await;
-        for h in edge.sessions().values().flatten() {
+        for h in edge.sessions().all() {
             let _ = h.tx.try_send(SessionCmd::Close(
                 "system-shutdown",
                 "server shutting down".into(),
@@ -703,7 +724,7 @@ async fn deliver_loop(
             Ok(d) => {
                 let sessions = edge.sessions();
                 let session = sessions
-                    .get(&device_key(&d.message.app_id, &d.device_id))
+                    .get(&d.message.app_id, &d.device_id)
                     .and_then(|list| list.iter().find(|h| h.session_id == d.session_id));
                 match session {
                     Some(h) => {
@@ -746,7 +767,7 @@ async fn retract_loop(
         else {
             continue;
         };
-        if let Some(list) = edge.sessions().get(&device_key(&r.app_id, &r.device_id)) {
+        if let Some(list) = edge.sessions().get(&r.app_id, &r.device_id) {
             for h in list {
                 // a full queue is fine: the retraction stays queued in Redis for the next session
                 let _ = h.tx.try_send(SessionCmd::Retract(r.message_id.clone()));
