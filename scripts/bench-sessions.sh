@@ -21,7 +21,10 @@
 # Environment: CARGO_TARGET_DIR (release binaries are built there if missing; default
 # /var/tmp/pushgate-release), PUSHGATE_BENCH_DIR (work dir; default a new /var/tmp/pg-sessions-*),
 # PUSHGATE_EDGE_WRAPPER (a command the edges run under, e.g. "heaptrack -o DIR/edge"; the
-# RSS figures then belong to the wrapper, not the edge).
+# RSS figures then belong to the wrapper, not the edge), PUSHGATE_BENCH_ARGS (extra
+# pushgate-bench arguments for every bench process), PUSHGATE_RELOGIN=1 (a reconnect storm:
+# once every bench process has all its sessions up, they all close every stream and log in
+# again at the same moment; the combined logins/s is printed with the results).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -133,12 +136,16 @@ done
 pg_step "sessions 3/5: $edges bench processes × $per_edge devices, $rate msg/s each for $seconds s"
 sources=$(((edges * per_edge + 19999) / 20000 + 1))
 bench_pids=()
+relogin_args=()
+if [[ "${PUSHGATE_RELOGIN:-0}" == 1 ]]; then
+    relogin_args=(--relogin-when "$work/relogin.go")
+fi
 for k in $(seq 0 $((edges - 1))); do
     "$bin/pushgate-bench" --api https://localhost:18443 --admin-token "$admin" \
         --ca "$work/tls/ca.pem" --xmpp "127.0.0.1:$((15232 + 10 * k))" --tls-name localhost \
         --edge-pid "${edge_pids[$k]}" --devices "$per_edge" --device-offset $((k * per_edge)) \
         --source-ips "$sources" --rate "$rate" --duration "$seconds" \
-        --register-concurrency 16 --connect-concurrency 32 \
+        --register-concurrency 16 --connect-concurrency 32 ${PUSHGATE_BENCH_ARGS:-} "${relogin_args[@]}" \
         --out "$work/bench$k.json" >"$work/bench$k.out" 2>"$work/bench$k.err" &
     pids+=($!)
     bench_pids+=($!)
@@ -171,6 +178,18 @@ while running; do
         max_at=$now
     fi
     printf '[sessions] %s  %d sessions across %d edges (max %d at %s)\n' "$now" "$total" "$edges" "$max_total" "$max_at" >&2
+    if ((${#relogin_args[@]})) && [[ ! -e "$work/relogin.go" ]]; then
+        ready=0
+        for k in $(seq 0 $((edges - 1))); do
+            grep -q 'relogin   waiting' "$work/bench$k.err" 2>/dev/null && ready=$((ready + 1))
+        done
+        if ((ready == edges)); then
+            touch "$work/relogin.go"
+            printf '[sessions] %s  every bench is connected: reconnect storm\n' "$now" >&2
+            sleep 1
+            continue
+        fi
+    fi
     sleep 5
 done
 failed=0
@@ -187,5 +206,24 @@ for k in $(seq 0 $((edges - 1))); do
     printf -- '--- bench %d (edge %d)\n' "$k" "$k"
     cat "$work/bench$k.out"
 done
+if ((${#relogin_args[@]})); then
+    # the storm's combined rate: every process's second logins over the union of their phases
+    field() { { grep -m1 -o "\"$1\": *[0-9.]*" "$2" || true; } | sed 's/.*: *//'; }
+    n=0 first="" last=""
+    for k in $(seq 0 $((edges - 1))); do
+        f="$work/bench$k.json"
+        b="$({ grep -A3 '"relogin": {' "$f" || true; } | { grep -m1 -o '"bound": *[0-9]*' || true; } | sed 's/.*: *//')"
+        s="$(field started_unix_ms "$f")"
+        e="$(field ended_unix_ms "$f")"
+        [[ -n "$b" && -n "$s" && -n "$e" ]] || continue
+        n=$((n + b))
+        [[ -z "$first" || "$s" -lt "$first" ]] && first=$s
+        [[ -z "$last" || "$e" -gt "$last" ]] && last=$e
+    done
+    if [[ -n "$first" ]] && ((last > first)); then
+        printf 'reconnect storm: %d sessions logged in again in %d ms across %d edges: %d logins/s\n' \
+            "$n" "$((last - first))" "$edges" "$((n * 1000 / (last - first)))"
+    fi
+fi
 printf 'work dir: %s\n' "$work"
 exit "$failed"

@@ -211,6 +211,18 @@ pub struct Args {
     #[arg(long, default_value_t = 64)]
     pub connect_concurrency: usize,
 
+    /// After the sessions are up, close every stream and log in again at once (a reconnect
+    /// storm, as after an edge restart), and report that phase's logins/s separately. The
+    /// devices keep their SCRAM keys from the first login, as SDKs do, so the second login
+    /// costs no PBKDF2 on the client side.
+    #[arg(long)]
+    pub relogin: bool,
+
+    /// `--relogin`, started only once FILE exists: several bench processes then storm at the
+    /// same moment (scripts/bench-sessions.sh creates it when every process is connected).
+    #[arg(long, value_name = "FILE")]
+    pub relogin_when: Option<PathBuf>,
+
     /// Device registrations in flight at most.
     #[arg(long, default_value_t = 32)]
     pub register_concurrency: usize,
@@ -249,6 +261,11 @@ impl Args {
     /// `--prosody-auth`, or its default.
     pub fn prosody_auth(&self) -> ProsodyAuth {
         self.prosody_auth.unwrap_or(ProsodyAuth::Hashed)
+    }
+
+    /// Whether the sessions log in a second time (`--relogin` or `--relogin-when`).
+    pub fn relogin(&self) -> bool {
+        self.relogin || self.relogin_when.is_some()
     }
 
     /// Whether the suite runs in this process.

@@ -289,6 +289,7 @@ async fn run(
         tracker: tracker.clone(),
         stats: xmpp::SessionStats::default(),
         stop: sessions_stop.clone(),
+        relogin: CancellationToken::new(),
     });
     // the Prosody senders log in first, so the RSS growth below is the devices' alone
     let sender_conns = match &setup {
@@ -299,8 +300,12 @@ async fn run(
     let rss_before = system::rss_kib(None);
     let edge_before = target.edge_pid.and_then(|p| system::rss_kib(Some(p)));
     let connect_start = Instant::now();
-    let (bound, login_us, mut sessions) =
-        connect(args, &shared, logins, &sources, &errors, &stop.soft, t0).await;
+    let Connected {
+        bound,
+        times: login_us,
+        mut sessions,
+        relogins,
+    } = connect(args, &shared, logins, &sources, &errors, &stop.soft, t0).await;
     let connect_secs = connect_start.elapsed().as_secs_f64();
     if stop.soft.is_cancelled() {
         sessions_stop.cancel();
@@ -321,6 +326,55 @@ async fn run(
             _ => String::new(),
         }
     );
+
+    // reconnect storm
+    let (bound, relogin) = match relogins {
+        Some(rx) => {
+            if let Some(go) = &args.relogin_when {
+                eprintln!("{} relogin   waiting for {}", stamp(t0), go.display());
+                while !go.exists() && !stop.soft.is_cancelled() {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            let expected = bound.len();
+            let start = Instant::now();
+            let started_unix_ms = unix_ms();
+            shared.relogin.cancel();
+            let (rebound, times) = collect_logins(
+                rx,
+                expected,
+                ("relogin", "relogin"),
+                &shared,
+                &errors,
+                &stop.soft,
+                t0,
+            )
+            .await;
+            let secs = start.elapsed().as_secs_f64();
+            eprintln!(
+                "{} {} of {expected} sessions logged in again in {secs:.1} s ({:.0}/s)",
+                stamp(t0),
+                rebound.len(),
+                rebound.len() as f64 / secs.max(1e-9)
+            );
+            if stop.soft.is_cancelled() {
+                sessions_stop.cancel();
+                while sessions.join_next().await.is_some() {}
+                bail!("stopped while logging in again");
+            }
+            let relogin = report::Relogin {
+                bound: rebound.len() as u32,
+                failures: (expected - rebound.len()) as u32,
+                phase_secs: secs,
+                logins_per_sec: rebound.len() as f64 / secs.max(1e-9),
+                login_time: Percentiles::of(&times),
+                started_unix_ms,
+                ended_unix_ms: unix_ms(),
+            };
+            (rebound, Some(relogin))
+        }
+        None => (bound, None),
+    };
 
     // load
     tracker.begin();
@@ -513,6 +567,7 @@ async fn run(
             batch: args.batch,
             concurrency: args.concurrency,
             connect_concurrency: args.connect_concurrency,
+            relogin: args.relogin(),
         },
         sessions: report::Sessions {
             requested: args.devices,
@@ -531,6 +586,7 @@ async fn run(
                 0.0
             },
             login_time: Percentiles::of(&login_us),
+            relogin,
             sender_sessions: match &setup {
                 Setup::Prosody { senders, .. } => Some(senders.len() as u32),
                 Setup::Pushgate { .. } => None,
@@ -673,13 +729,14 @@ async fn connect_senders(
 ) -> anyhow::Result<Vec<xmpp::Conn>> {
     let mut conns = Vec::with_capacity(accounts.len());
     for (k, a) in accounts.iter().enumerate() {
-        let device = xmpp::Device {
+        let mut device = xmpp::Device {
             index: u32::try_from(k).unwrap_or(u32::MAX),
             jid: a.jid.clone(),
             password: a.password.clone(),
             source: None,
+            keys: None,
         };
-        let conn = xmpp::login(shared, &device)
+        let conn = xmpp::login(shared, &mut device)
             .await
             .with_context(|| format!("logging in the sender {}", a.jid))?;
         conns.push(conn);
@@ -759,9 +816,26 @@ async fn register(
     out
 }
 
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The sessions once connected: who is bound, login times, the tasks, and (with
+/// `--relogin`) where the second logins are reported.
+struct Connected {
+    /// Bound devices' local indexes.
+    bound: Vec<u32>,
+    /// Login times in µs, sorted.
+    times: Vec<u64>,
+    sessions: JoinSet<()>,
+    relogins: Option<mpsc::UnboundedReceiver<xmpp::LoginOutcome>>,
+}
+
 /// Starts one session task per registered device and waits until each has logged in or
-/// failed. Returns the bound devices' local indexes, their login times (µs, sorted) and the
-/// session tasks.
+/// failed.
 async fn connect(
     args: &Args,
     shared: &Arc<xmpp::Shared>,
@@ -770,9 +844,15 @@ async fn connect(
     errors: &Arc<Errors>,
     stop: &CancellationToken,
     t0: Instant,
-) -> (Vec<u32>, Vec<u64>, JoinSet<()>) {
+) -> Connected {
     let permits = Arc::new(Semaphore::new(args.connect_concurrency));
-    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (relogin_tx, relogin_rx) = if args.relogin() {
+        let (t, r) = mpsc::unbounded_channel();
+        (Some(t), Some(r))
+    } else {
+        (None, None)
+    };
     let mut sessions = JoinSet::new();
     let mut expected = 0usize;
     for (i, login) in logins.into_iter().enumerate() {
@@ -789,16 +869,41 @@ async fn connect(
             jid: login.jid,
             password: login.password,
             source,
+            keys: None,
         };
         sessions.spawn(xmpp::run(
             shared.clone(),
             device,
             permits.clone(),
             tx.clone(),
+            relogin_tx.clone(),
         ));
         expected += 1;
     }
     drop(tx);
+    drop(relogin_tx);
+    let (bound, times) =
+        collect_logins(rx, expected, ("connect", "login"), shared, errors, stop, t0).await;
+    Connected {
+        bound,
+        times,
+        sessions,
+        relogins: relogin_rx,
+    }
+}
+
+/// Waits for `expected` login outcomes, printing progress once a second (errors counted as
+/// `{error_prefix}-{kind}`); returns the bound
+/// devices' local indexes and their login times (µs, sorted).
+async fn collect_logins(
+    mut rx: mpsc::UnboundedReceiver<xmpp::LoginOutcome>,
+    expected: usize,
+    (phase, error_prefix): (&str, &str),
+    shared: &xmpp::Shared,
+    errors: &Errors,
+    stop: &CancellationToken,
+    t0: Instant,
+) -> (Vec<u32>, Vec<u64>) {
     let start = Instant::now();
     let mut bound = Vec::with_capacity(expected);
     let mut times = Vec::with_capacity(expected);
@@ -814,14 +919,14 @@ async fn connect(
                 }
                 Some((_, Err(kind))) => {
                     failed += 1;
-                    errors.add(format!("login-{kind}"));
+                    errors.add(format!("{error_prefix}-{kind}"));
                 }
                 None => break,
             },
             _ = tick.tick() => {
                 let secs = start.elapsed().as_secs_f64();
                 eprintln!(
-                    "{} connect   {}/{expected} bound, {failed} failed, {:.0} logins/s, {} live",
+                    "{} {phase:<9} {}/{expected} bound, {failed} failed, {:.0} logins/s, {} live",
                     stamp(t0),
                     bound.len(),
                     bound.len() as f64 / secs.max(1e-9),
@@ -832,7 +937,7 @@ async fn connect(
         }
     }
     times.sort_unstable();
-    (bound, times, sessions)
+    (bound, times)
 }
 
 /// The once-a-second progress line of the sending and draining phases.

@@ -85,6 +85,8 @@ pub struct Config {
     /// receipted at most (`--rate max`), or written and not yet handed to the socket.
     pub concurrency: usize,
     pub connect_concurrency: usize,
+    /// `--relogin`: every session logged in a second time, all at once.
+    pub relogin: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -109,9 +111,28 @@ pub struct Sessions {
     /// Bound sessions per second of the connect phase.
     pub logins_per_sec: f64,
     pub login_time: Percentiles,
+    /// `--relogin`: the second login of every bound session, all at once.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub relogin: Option<Relogin>,
     /// Prosody: the senders' sessions (not counted above, connected before the devices).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sender_sessions: Option<u32>,
+}
+
+/// The reconnect storm of `--relogin`: every session closed its stream and logged in again
+/// (TLS, SCRAM with the cached keys, bind, stream management), all at once.
+#[derive(Debug, Serialize)]
+pub struct Relogin {
+    /// Sessions bound again (the load phase uses these).
+    pub bound: u32,
+    pub failures: u32,
+    pub phase_secs: f64,
+    pub logins_per_sec: f64,
+    pub login_time: Percentiles,
+    /// When the storm started and the last login ended (wall clock, Unix ms): several bench
+    /// processes' phases combine into one rate over their union.
+    pub started_unix_ms: u64,
+    pub ended_unix_ms: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -373,6 +394,17 @@ impl RunResult {
             se.connect_phase_secs,
             line(&se.login_time)
         );
+        if let Some(r) = &se.relogin {
+            let _ = writeln!(
+                s,
+                "  relogin     {} bound again ({} failures); logins {:.0}/s over {:.1} s (cached SCRAM keys); login {}",
+                r.bound,
+                r.failures,
+                r.logins_per_sec,
+                r.phase_secs,
+                line(&r.login_time)
+            );
+        }
         let _ = writeln!(
             s,
             "  memory      bench process {} -> {} ({}); {}",

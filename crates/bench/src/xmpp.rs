@@ -110,6 +110,8 @@ pub struct Shared {
     pub tracker: Arc<Tracker>,
     pub stats: SessionStats,
     pub stop: CancellationToken,
+    /// Fired once by `--relogin`: every session closes its stream and logs in again.
+    pub relogin: CancellationToken,
 }
 
 /// Session counts and error kinds.
@@ -140,6 +142,20 @@ pub struct Device {
     pub jid: String,
     pub password: String,
     pub source: Option<IpAddr>,
+    /// The SCRAM keys from the last login, reused while the server's salt and iteration
+    /// count stay the same.
+    pub keys: Option<Box<ScramKeys>>,
+}
+
+/// What a SCRAM client may keep between logins instead of the password's PBKDF2 result
+/// (RFC 5802 §5.1: "the client can cache the ClientKey and ServerKey"), as device SDKs do:
+/// without it every reconnect costs thousands of HMAC rounds on the phone — and here, on the
+/// same two cores as the server under test.
+pub struct ScramKeys {
+    salt: Vec<u8>,
+    iterations: u32,
+    client_key: [u8; 32],
+    server_key: [u8; 32],
 }
 
 /// How a login ended: time taken, or the error kind.
@@ -148,48 +164,90 @@ pub type LoginOutcome = (u32, Result<Duration, String>);
 /// Runs one device: logs in (holding a permit of `logins` meanwhile, so logins in progress
 /// are bounded), reports the outcome, then serves the session until the bench stops or the
 /// server ends it.
+///
+/// With `relogin`, the device also closes its stream when [`Shared::relogin`] fires and logs
+/// in again at once, reporting that second login there: a reconnect storm, as after an
+/// edge's restart, measured separately from the first logins (which include PBKDF2).
 pub async fn run(
     shared: Arc<Shared>,
-    device: Device,
+    mut device: Device,
     logins: Arc<Semaphore>,
     outcome: mpsc::UnboundedSender<LoginOutcome>,
+    mut relogin: Option<mpsc::UnboundedSender<LoginOutcome>>,
 ) {
+    let Some(mut conn) = login_reporting(&shared, &mut device, &logins, &outcome).await else {
+        return;
+    };
+    loop {
+        shared.stats.live.fetch_add(1, Ordering::Relaxed);
+        let end = conn.serve(&shared, device.index, relogin.is_some()).await;
+        shared.stats.live.fetch_sub(1, Ordering::Relaxed);
+        match end {
+            Ok(Ended::Stopped) => return,
+            Ok(Ended::Relogin) => {
+                let Some(again) = relogin.take() else { return };
+                drop(conn);
+                match login_reporting(&shared, &mut device, &logins, &again).await {
+                    Some(c) => conn = c,
+                    None => return,
+                }
+            }
+            Err(e) => {
+                shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                shared.stats.error(format!("session-ended-{}", e.kind()));
+                return;
+            }
+        }
+    }
+}
+
+/// One login under a permit of `logins`, its outcome sent to `outcome`.
+async fn login_reporting(
+    shared: &Shared,
+    device: &mut Device,
+    logins: &Arc<Semaphore>,
+    outcome: &mpsc::UnboundedSender<LoginOutcome>,
+) -> Option<Conn> {
     let permit = tokio::select! {
-        p = logins.acquire_owned() => p.ok(),
+        p = logins.clone().acquire_owned() => p.ok(),
         _ = shared.stop.cancelled() => None,
     };
     let Some(permit) = permit else {
         let _ = outcome.send((device.index, Err("stopped".into())));
-        return;
+        return None;
     };
     let started = Instant::now();
+    let index = device.index;
     // boxed: the login's state is large and only needed once; the task keeps only the
     // session's state afterwards
-    let login = Box::pin(login(&shared, &device));
+    let login = Box::pin(login(shared, device));
     let result = tokio::select! {
         r = login => Some(r),
         _ = shared.stop.cancelled() => None,
     };
     drop(permit);
-    let mut conn = match result {
-        Some(Ok(c)) => c,
+    match result {
+        Some(Ok(c)) => {
+            let _ = outcome.send((index, Ok(started.elapsed())));
+            Some(c)
+        }
         Some(Err(e)) => {
-            let _ = outcome.send((device.index, Err(e.kind())));
-            return;
+            let _ = outcome.send((index, Err(e.kind())));
+            None
         }
         None => {
-            let _ = outcome.send((device.index, Err("stopped".into())));
-            return;
+            let _ = outcome.send((index, Err("stopped".into())));
+            None
         }
-    };
-    let _ = outcome.send((device.index, Ok(started.elapsed())));
-    shared.stats.live.fetch_add(1, Ordering::Relaxed);
-    let end = conn.serve(&shared, device.index).await;
-    shared.stats.live.fetch_sub(1, Ordering::Relaxed);
-    if let Err(e) = end {
-        shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
-        shared.stats.error(format!("session-ended-{}", e.kind()));
     }
+}
+
+/// Why [`Conn::serve`] returned without an error.
+enum Ended {
+    /// The bench is stopping.
+    Stopped,
+    /// [`Shared::relogin`] fired: the stream was closed, log in again.
+    Relogin,
 }
 
 fn header(domain: &str) -> String {
@@ -296,7 +354,7 @@ impl Scram {
     /// pool rather than stalling the runtime's few workers.
     async fn answer(
         &self,
-        password: &str,
+        device: &mut Device,
         server_first: &str,
     ) -> Result<(String, [u8; 32]), SessionError> {
         let mut nonce = None;
@@ -324,13 +382,27 @@ impl Scram {
                 "iteration count {iterations} out of range"
             )));
         }
-        let pw = password.to_string();
-        let salted = tokio::task::spawn_blocking(move || {
-            pushgate_core::credentials::salted_password(pw.as_bytes(), &salt, iterations)
-        })
-        .await
-        .map_err(|e| SessionError::Protocol(format!("PBKDF2 task: {e}")))?;
-        let client_key = pushgate_core::credentials::hmac_sha256(&salted, b"Client Key");
+        let cached = device
+            .keys
+            .as_ref()
+            .filter(|k| k.iterations == iterations && k.salt == salt);
+        let fresh = cached.is_none();
+        let (client_key, server_key) = match cached {
+            Some(k) => (k.client_key, k.server_key),
+            None => {
+                let pw = device.password.clone();
+                let salt = salt.clone();
+                let salted = tokio::task::spawn_blocking(move || {
+                    pushgate_core::credentials::salted_password(pw.as_bytes(), &salt, iterations)
+                })
+                .await
+                .map_err(|e| SessionError::Protocol(format!("PBKDF2 task: {e}")))?;
+                (
+                    pushgate_core::credentials::hmac_sha256(&salted, b"Client Key"),
+                    pushgate_core::credentials::hmac_sha256(&salted, b"Server Key"),
+                )
+            }
+        };
         let stored: [u8; 32] = Sha256::digest(client_key).into();
         let without_proof = format!("c=biws,r={nonce}");
         let auth_message = format!("{},{server_first},{without_proof}", self.first_bare);
@@ -340,9 +412,18 @@ impl Scram {
             .zip(signature.iter())
             .map(|(a, b)| a ^ b)
             .collect();
-        let server_key = pushgate_core::credentials::hmac_sha256(&salted, b"Server Key");
         let server_signature =
             pushgate_core::credentials::hmac_sha256(&server_key, auth_message.as_bytes());
+        // the keys depend only on the password, salt and count, so a failed login leaves
+        // nothing wrong behind
+        if fresh {
+            device.keys = Some(Box::new(ScramKeys {
+                salt,
+                iterations,
+                client_key,
+                server_key,
+            }));
+        }
         Ok((
             format!("{without_proof},p={}", STANDARD.encode(proof)),
             server_signature,
@@ -396,9 +477,10 @@ impl Conn {
 }
 
 /// Connects, STARTTLS, SCRAM-SHA-256, bind, stream management.
-pub(crate) async fn login(shared: &Shared, device: &Device) -> Result<Conn, SessionError> {
-    let (local, domain) = device
-        .jid
+pub(crate) async fn login(shared: &Shared, device: &mut Device) -> Result<Conn, SessionError> {
+    // owned: `device` is borrowed mutably below to keep its SCRAM keys
+    let jid = device.jid.clone();
+    let (local, domain) = jid
         .split_once('@')
         .ok_or_else(|| SessionError::Protocol(format!("jid without @: {}", device.jid)))?;
     let socket = match shared.addr {
@@ -470,7 +552,7 @@ pub(crate) async fn login(shared: &Shared, device: &Device) -> Result<Conn, Sess
         .ok()
         .and_then(|b| String::from_utf8(b).ok())
         .ok_or_else(|| SessionError::Auth("challenge is not base64 UTF-8".into()))?;
-    let (client_final, server_signature) = scram.answer(&device.password, &server_first).await?;
+    let (client_final, server_signature) = scram.answer(device, &server_first).await?;
     write(
         &mut wr,
         &format!(
@@ -551,8 +633,14 @@ fn sasl_refusal(e: &Element) -> SessionError {
 }
 
 impl Conn {
-    /// Serves the session until the bench stops (`Ok`) or the server ends it (`Err`).
-    async fn serve(&mut self, shared: &Shared, index: u32) -> Result<(), SessionError> {
+    /// Serves the session until the bench stops, `relogin` is armed and fires (`Ok`), or the
+    /// server ends it (`Err`).
+    async fn serve(
+        &mut self,
+        shared: &Shared,
+        index: u32,
+        relogin: bool,
+    ) -> Result<Ended, SessionError> {
         for e in std::mem::take(&mut self.early) {
             self.on_stanza(shared, index, e, false).await?;
         }
@@ -562,7 +650,12 @@ impl Conn {
                 _ = shared.stop.cancelled() => {
                     let _ = write(&mut self.writer, "</stream:stream>").await;
                     let _ = self.writer.shutdown().await;
-                    return Ok(());
+                    return Ok(Ended::Stopped);
+                }
+                _ = shared.relogin.cancelled(), if relogin => {
+                    let _ = write(&mut self.writer, "</stream:stream>").await;
+                    let _ = self.writer.shutdown().await;
+                    return Ok(Ended::Relogin);
                 }
                 ev = self.reader.next() => ev,
             };
