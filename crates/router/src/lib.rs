@@ -277,6 +277,23 @@ async fn route(ctx: &Ctx, m: &StoredMessage, attempt: u64) -> Result<(), RouterE
             .await?;
         return Ok(());
     };
+    let Some(key) = &msg.collapse_key else {
+        // the common case: targets, pending queues and presence in one store round trip
+        let targets = ctx.store.target_user_devices(msg, user).await?;
+        if targets.is_empty() {
+            tracing::info!(message_id = %msg.id, "no device to route to; the message waits for expiry");
+            return Ok(());
+        }
+        let mut retry = None;
+        for t in &targets {
+            if let Some(e) = reach_device(ctx, m, &t.device, t.presence.as_ref(), attempt).await? {
+                retry = Some(e);
+            }
+        }
+        return retry.map_or(Ok(()), Err);
+    };
+    // a collapse key: the claim decides whether this message is routed at all, and it must
+    // come before the targets are written, so this path keeps its separate steps
     let mut devices: Vec<Device> = ctx.store.user_devices(&msg.app_id, user).await?;
     if let Some(only) = &msg.device_id {
         devices.retain(|d| &d.device_id == only);
@@ -285,58 +302,69 @@ async fn route(ctx: &Ctx, m: &StoredMessage, attempt: u64) -> Result<(), RouterE
         tracing::info!(message_id = %msg.id, "no device to route to; the message waits for expiry");
         return Ok(());
     }
-    if let (Some(key), false) = (&msg.collapse_key, devices.is_empty()) {
-        if collapse(ctx, msg, user, key).await? {
-            return Ok(());
-        }
+    if collapse(ctx, msg, user, key).await? {
+        return Ok(());
     }
     let ids: Vec<String> = devices.iter().map(|d| d.device_id.clone()).collect();
     ctx.store.target_devices(msg, &ids).await?;
     let mut retry = None;
     for d in &devices {
-        if let Some((edge, session)) = ctx.store.presence(&msg.app_id, &d.device_id).await? {
-            match hand_to_edge(ctx, &edge, &session, d, m).await {
-                Ok(true) => continue,
-                Ok(false) => {}
-                // an overloaded edge: try again a few times before falling back to a push
-                Err(e) if attempt < 4 => {
-                    retry = Some(e);
-                    continue;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "edge unreachable; falling back to native push")
-                }
+        let presence = ctx.store.presence(&msg.app_id, &d.device_id).await?;
+        if let Some(e) = reach_device(ctx, m, d, presence.as_ref(), attempt).await? {
+            retry = Some(e);
+        }
+    }
+    retry.map_or(Ok(()), Err)
+}
+
+/// Reaches one targeted device: through its live session when `presence` names one, else by
+/// native push. `Ok(Some(e))`: the edge was too busy to answer on an early attempt; the
+/// caller goes on with the other devices and then fails the command with `e`, so it is
+/// redelivered and this device gets another chance at XMPP before falling back to a push.
+async fn reach_device(
+    ctx: &Ctx,
+    m: &StoredMessage,
+    d: &Device,
+    presence: Option<&(String, String)>,
+    attempt: u64,
+) -> Result<Option<RouterError>, RouterError> {
+    let msg = &m.message;
+    if let Some((edge, session)) = presence {
+        match hand_to_edge(ctx, edge, session, d, m).await {
+            Ok(true) => return Ok(None),
+            Ok(false) => {}
+            // an overloaded edge: try again a few times before falling back to a push
+            Err(e) if attempt < 4 => return Ok(Some(e)),
+            Err(e) => {
+                tracing::warn!(error = %e, "edge unreachable; falling back to native push")
             }
         }
-        if d.has_usable_token() {
-            // a device that has never held an XMPP session is native-only: the push is the
-            // channel; otherwise it is a wake-up and delivery is confirmed over XMPP
-            let ever_connected = ctx
-                .store
-                .last_seen(&msg.app_id, std::slice::from_ref(&d.device_id))
-                .await?
-                .first()
-                .is_some_and(|s| s.is_some());
-            let kind = if ever_connected { "wakeup" } else { "channel" };
-            let req = PushRequest {
-                app_id: msg.app_id.clone(),
-                device_id: d.device_id.clone(),
-                message_id: msg.id.clone(),
-                kind: kind.into(),
-            };
-            ctx.bus
-                .publish_json(
-                    ctx.bus.names().push(),
-                    &format!("{}.{}.push", msg.id, d.device_id),
-                    &req,
-                )
-                .await?;
-        }
     }
-    match retry {
-        Some(e) => Err(e),
-        None => Ok(()),
+    if d.has_usable_token() {
+        // a device that has never held an XMPP session is native-only: the push is the
+        // channel; otherwise it is a wake-up and delivery is confirmed over XMPP
+        let ever_connected = ctx
+            .store
+            .last_seen(&msg.app_id, std::slice::from_ref(&d.device_id))
+            .await?
+            .first()
+            .is_some_and(|s| s.is_some());
+        let kind = if ever_connected { "wakeup" } else { "channel" };
+        let req = PushRequest {
+            app_id: msg.app_id.clone(),
+            device_id: d.device_id.clone(),
+            message_id: msg.id.clone(),
+            kind: kind.into(),
+        };
+        ctx.bus
+            .publish_json(
+                ctx.bus.names().push(),
+                &format!("{}.{}.push", msg.id, d.device_id),
+                &req,
+            )
+            .await?;
     }
+    Ok(None)
 }
 
 /// Asks the device's edge to write the message to the live session. `Ok(false)`: the

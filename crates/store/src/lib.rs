@@ -6,7 +6,9 @@
 //! Every key layout is in [`keys`].
 
 pub mod keys;
+mod route;
 pub mod scripts;
+pub mod session;
 
 use std::time::Duration;
 
@@ -17,6 +19,7 @@ use redis::{AsyncCommands, Script};
 
 pub use keys::Keys;
 pub use redis;
+pub use route::RouteTarget;
 
 /// How long a finished message stays readable through the API.
 pub const MESSAGE_RETENTION_MS: i64 = 7 * 86_400_000;

@@ -27,7 +27,9 @@ fn transition_table_lua() -> String {
 ///
 /// `apply(mkey, hkey, evtkey, expkey, cmdkey, pending_root, id, to, at_ms, at_txt, channel,
 /// device, detail, purpose)` returns `{code, current_status, event_json}` where code is
-/// 0 refused, 1 applied, 2 noted (a second device confirmed an already delivered message).
+/// 0 refused, 1 applied, 2 noted (a second device confirmed an already delivered message;
+/// a device repeating its own confirmation is refused, so each device is noted at most once
+/// per status).
 const PRELUDE_BODY: &str = r#"
 local function apply(mkey, hkey, evtkey, expkey, cmdkey, pending_root, id, to, at_ms, at_txt, channel, device, detail, purpose)
   local cur = redis.call('HGET', mkey, 'status')
@@ -35,8 +37,27 @@ local function apply(mkey, hkey, evtkey, expkey, cmdkey, pending_root, id, to, a
   local app = redis.call('HGET', mkey, 'app')
   if not (T[cur] and T[cur][to]) then
     if device ~= '' and (to == 'delivered' or to == 'read') and (cur == 'delivered' or cur == 'read') then
-      -- another device of the user got it too: keep the per-device detail, report nothing
-      redis.call('ZREM', pending_root .. app .. ':' .. device, id)
+      -- another device of the user got it too: keep the per-device detail, report nothing.
+      -- But only news once per device: a device confirms one message more than once (an
+      -- XEP-0198 ack and an XEP-0184 receipt, a receipt and a marker, a retried HTTP report).
+      -- A device's first confirmation takes the message out of its pending queue, so a
+      -- `delivered` from a device that no longer has it pending says nothing new (that
+      -- device, or one that was never a target, already counted). A `read` says something new
+      -- after the device's own `delivered`, so it is refused only when this device's read is
+      -- already in the history, or when the device has no confirmation in it at all.
+      local was_pending = redis.call('ZREM', pending_root .. app .. ':' .. device, id)
+      if was_pending == 0 then
+        if to == 'delivered' then return {0, cur, ''} end
+        local confirmed = false
+        for _, raw in ipairs(redis.call('LRANGE', hkey, 0, -1)) do
+          local ok, e = pcall(cjson.decode, raw)
+          if ok and type(e) == 'table' and e.device_id == device then
+            if e.status == 'read' then return {0, cur, ''} end
+            if e.status == 'delivered' then confirmed = true end
+          end
+        end
+        if not confirmed then return {0, cur, ''} end
+      end
       local h = {status = to, at = tonumber(at_ms), device_id = device}
       if channel ~= '' then h.channel = channel end
       h.detail = 'also ' .. to .. ' on this device'
@@ -123,6 +144,37 @@ end
 return out
 "#;
 
+/// What a live XMPP session needs to decide about one handed-over message, in one round
+/// trip instead of three (score, older ids, status): whether the message still waits for the
+/// device, its status, and which ids wait before it above the session's mark. Read-only.
+///
+/// KEYS: pending queue of the device, message hash.
+/// ARGV: message id; `after` (`''`: do not list older ids, `'-inf'`, or a score: list the
+/// other ids with scores in `(after, score]`); limit of that list.
+/// Returns `{}` when the message is not pending, else `{score, status ('' if the message is
+/// gone), older ids…}` oldest first. "Older" includes ties: two requests accepted in the same
+/// millisecond give their first recipients the same score, and a tie must not be passed over
+/// as if it had been seen.
+///
+/// The score stays the string Redis formats it as (shortest exact form): Lua 5.1 would print
+/// a number with 14 digits, but order keys have 16 (`Message::order_key`), so turning it into
+/// a Lua number and back would move the range bound.
+pub const PENDING_CHECK: &str = r#"
+local s = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not s then return {} end
+local out = {s, redis.call('HGET', KEYS[2], 'status') or ''}
+if ARGV[2] ~= '' then
+  local min = ARGV[2]
+  if min ~= '-inf' then min = '(' .. min end
+  -- one more than the limit: the message itself may be among them
+  local older = redis.call('ZRANGE', KEYS[1], min, s, 'BYSCORE', 'LIMIT', 0, tonumber(ARGV[3]) + 1)
+  for _, o in ipairs(older) do
+    if o ~= ARGV[1] then out[#out + 1] = o end
+  end
+end
+return out
+"#;
+
 /// Deletes a key only if it still holds the given value (presence hand-over, locks).
 pub const COMPARE_AND_DELETE: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -177,5 +229,148 @@ mod tests {
             assert!(t.contains(&format!("  {} = {{", s.as_str())), "{s} missing");
         }
         assert!(t.contains("delivered = {read = true, }"));
+    }
+
+    /// `apply`'s per-device notes against a real Redis: a second device of the user is noted
+    /// once per status; a device repeating its own confirmation (an XEP-0198 ack before its
+    /// XEP-0184 receipt) writes nothing.
+    #[tokio::test]
+    async fn a_device_is_noted_once_and_a_repeated_confirmation_writes_nothing(
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        use crate::{Change, Store, Transition};
+        use pushgate_core::{HistoryEntry, Message};
+
+        let url = std::env::var("PUSHGATE_TEST_REDIS_URL")
+            .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        let ns = format!("n{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+        let store = Store::connect(&url, &ns).await?;
+        let now = pushgate_core::time::now_ms();
+        let m = Message {
+            id: uuid::Uuid::now_v7().to_string(),
+            app_id: "app_0123456789abcdef0123456789".into(),
+            user_id: Some("u".into()),
+            device_id: None,
+            phone: None,
+            foreign_id: None,
+            text: "t".into(),
+            title: None,
+            data: None,
+            priority: Default::default(),
+            collapse_key: None,
+            sms_fallback: None,
+            send_at: None,
+            created_at: now,
+            pos: 0,
+            expires_at: now + 3_600_000,
+        };
+        let ev = format!("{}|ev", m.id);
+        store
+            .create_messages(&[(m.clone(), Status::Enqueued, ev)])
+            .await?;
+        store
+            .target_devices(&m, &["phone".into(), "tablet".into(), "watch".into()])
+            .await?;
+        let change = |device: &'static str, to: Status| {
+            let (store, id) = (store.clone(), m.id.clone());
+            async move {
+                let ch = Change {
+                    message_id: &id,
+                    to: Some(to),
+                    channel: Some("xmpp"),
+                    device_id: Some(device),
+                    ..Default::default()
+                };
+                store.change(&ch, pushgate_core::time::now_ms()).await
+            }
+        };
+        let notes = || {
+            let store = store.clone();
+            let id = m.id.clone();
+            async move {
+                let st = store.message_state(&id).await?.ok_or("message gone")?;
+                let h: Vec<HistoryEntry> = st.history;
+                Ok::<_, Box<dyn std::error::Error>>(
+                    h.into_iter()
+                        .filter(|e| e.status != Status::Enqueued)
+                        .map(|e| {
+                            (
+                                e.device_id.unwrap_or_default(),
+                                e.status,
+                                e.detail.is_some(),
+                            )
+                        })
+                        .collect::<Vec<_>>(),
+                )
+            }
+        };
+
+        assert!(matches!(
+            change("phone", Status::Sent).await?,
+            Transition::Applied(_)
+        ));
+        assert!(matches!(
+            change("phone", Status::Delivered).await?,
+            Transition::Applied(_)
+        ));
+        // the phone's receipt after its stream-management ack: nothing new
+        assert_eq!(
+            change("phone", Status::Delivered).await?,
+            Transition::Refused(Some(Status::Delivered))
+        );
+        // the tablet got it too: noted once, its repeat refused
+        assert_eq!(
+            change("tablet", Status::Delivered).await?,
+            Transition::Noted
+        );
+        assert_eq!(
+            change("tablet", Status::Delivered).await?,
+            Transition::Refused(Some(Status::Delivered))
+        );
+        // a device that never had it says nothing either
+        assert_eq!(
+            change("laptop", Status::Delivered).await?,
+            Transition::Refused(Some(Status::Delivered))
+        );
+        assert!(matches!(
+            change("phone", Status::Read).await?,
+            Transition::Applied(_)
+        ));
+        // after the read: the phone's late ack, the tablet's read (news: once), the watch's
+        // first confirmation being a read
+        assert_eq!(
+            change("phone", Status::Delivered).await?,
+            Transition::Refused(Some(Status::Read))
+        );
+        assert_eq!(
+            change("phone", Status::Read).await?,
+            Transition::Refused(Some(Status::Read))
+        );
+        assert_eq!(change("tablet", Status::Read).await?, Transition::Noted);
+        assert_eq!(
+            change("tablet", Status::Read).await?,
+            Transition::Refused(Some(Status::Read))
+        );
+        assert_eq!(change("watch", Status::Read).await?, Transition::Noted);
+        assert_eq!(
+            change("watch", Status::Delivered).await?,
+            Transition::Refused(Some(Status::Read))
+        );
+        assert_eq!(
+            change("laptop", Status::Read).await?,
+            Transition::Refused(Some(Status::Read))
+        );
+        assert_eq!(
+            notes().await?,
+            [
+                ("phone".to_string(), Status::Sent, false),
+                ("phone".to_string(), Status::Delivered, false),
+                ("tablet".to_string(), Status::Delivered, true),
+                ("phone".to_string(), Status::Read, false),
+                ("tablet".to_string(), Status::Read, true),
+                ("watch".to_string(), Status::Read, true),
+            ]
+        );
+        store.delete_namespace().await?;
+        Ok(())
     }
 }

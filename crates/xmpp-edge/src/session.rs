@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use pushgate_core::time::now_ms;
 use pushgate_core::{Device, Message, Status};
+use pushgate_store::session::Older;
 use pushgate_store::{Change, Transition};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
@@ -593,6 +594,13 @@ struct Live<W> {
     unacked: VecDeque<(u32, Option<String>)>,
     /// Message ids written in this session and not yet confirmed.
     inflight: HashSet<String>,
+    /// The pending queue's scores up to here have been read by this session (`-inf`: none
+    /// yet): every id that waited with such a score when its range was read has been written,
+    /// held, or found no longer open. A hand-over then needs only the range above it, not
+    /// the whole queue, whose unconfirmed head every hand-over used to read again (cost
+    /// growing with the backlog). An id queued later with a score at or below the mark (a
+    /// late-routed message) is not covered: its own hand-over brings it (see `deliver`).
+    scanned_to: f64,
     window_start: Instant,
     window_count: u32,
     /// XEP-0198 resumption id, when the client asked for resumption.
@@ -656,8 +664,8 @@ impl<W: AsyncRead + AsyncWrite + Unpin> Live<W> {
         Ok(())
     }
 
-    /// Delivers a message, and first any older pending ones the session has not written yet,
-    /// so the device sees its messages in acceptance order.
+    /// Delivers a message handed over by a router, and first any older pending ones the
+    /// session has not written yet, so the device sees its messages in acceptance order.
     async fn deliver(&mut self, m: Message) -> Result<(), SessionError> {
         if self.inflight.contains(&m.id) {
             return Ok(());
@@ -670,22 +678,81 @@ impl<W: AsyncRead + AsyncWrite + Unpin> Live<W> {
             }
             return Ok(());
         }
+        self.deliver_now(m, true).await
+    }
+
+    /// Writes `m` (a hand-over, or a message held while the client was inactive) unless it
+    /// no longer waits for the device, after any older pending message the session has not
+    /// considered yet.
+    ///
+    /// One read-only script tells whether `m` still waits, its status, and the ids queued
+    /// between the session's mark and `m` ([`pushgate_store::Store::pending_check`]). When
+    /// none of those is new to the session, `m` is the only message to write, and its body is
+    /// the one in hand (a message's body never changes after acceptance), so nothing more is
+    /// read: one round trip where the whole-queue scan took three or more. Everything else
+    /// falls back to the page-by-page scan, which reads each message's status just before
+    /// writing it:
+    /// - ids below `m` that the session has not considered (a hand-over that has not arrived
+    ///   yet, was lost, or did not fit the session's queue): they go out first, in order;
+    /// - `m` at or below the mark, i.e. queued after the range it belongs to was read (a
+    ///   late-routed message). For a hand-over the scan starts from the beginning, as every
+    ///   hand-over's did before the mark existed, so another late message whose own hand-over
+    ///   went astray goes out with it. A held message at or below the mark was considered when
+    ///   it was held (a scan read its range, or its own late hand-over brought it); it is
+    ///   written on its own check, without a scan per held message.
+    ///
+    /// Checking the status in the same step as the queue keeps the window in which a
+    /// cancellation can slip between check and write as short as before; a cancellation
+    /// inside it is retracted like one that comes after the write.
+    async fn deliver_now(&mut self, m: Message, handed_over: bool) -> Result<(), SessionError> {
         let (app, dev) = (self.device.app_id.clone(), self.device.device_id.clone());
-        let Some(score) = self.edge.store.pending_score(&app, &dev, &m.id).await? else {
+        let mark = self.mark();
+        let Some(check) = self
+            .edge
+            .store
+            .pending_check(&app, &dev, &m.id, Older::After(mark), PENDING_PAGE)
+            .await?
+        else {
             // delivered, expired or cancelled meanwhile: never show it
             return Ok(());
         };
-        self.write_pending(None, Some(score)).await
+        let late = check.score <= self.scanned_to;
+        if late && handed_over {
+            return self.write_pending(None, Some(check.score)).await;
+        }
+        // the script lists nothing for a late message (its range ends below the mark)
+        let unseen_older = check.older.len() >= PENDING_PAGE
+            || check.older.iter().any(|id| !self.inflight.contains(id));
+        if unseen_older {
+            return self.write_pending(mark, Some(check.score)).await;
+        }
+        if check.status.is_some_and(Status::is_open) && m.expires_at > now_ms() {
+            self.write_message(m).await?;
+        }
+        // everything queued in (mark, score] when the script ran has now been considered
+        self.scanned_to = self.scanned_to.max(check.score);
+        Ok(())
+    }
+
+    /// The mark as the store's range bound (`None`: from the start).
+    fn mark(&self) -> Option<f64> {
+        (self.scanned_to > f64::NEG_INFINITY).then_some(self.scanned_to)
     }
 
     /// Writes every pending message with an acceptance time in `(after, until]` that this
-    /// session has not written yet, oldest first, page by page.
+    /// session has not written yet, oldest first, page by page; then moves the mark over the
+    /// range read. `after` must be `None` or the mark, so that the ranges read stay
+    /// contiguous and the mark means what it says.
     async fn write_pending(
         &mut self,
         mut after: Option<f64>,
         until: Option<f64>,
     ) -> Result<(), SessionError> {
+        debug_assert!(after.is_none_or(|a| a <= self.scanned_to));
         let (app, dev) = (self.device.app_id.clone(), self.device.device_id.clone());
+        // the highest score read, and whether every id up to it was
+        let mut top = None;
+        let mut whole = true;
         loop {
             let page = self
                 .edge
@@ -693,9 +760,11 @@ impl<W: AsyncRead + AsyncWrite + Unpin> Live<W> {
                 .pending_page(&app, &dev, after, until, PENDING_PAGE)
                 .await?;
             let full = page.len() == PENDING_PAGE;
+            let first = page.first().map(|(_, score)| *score);
             let mut last = after;
             for (id, score) in page {
                 last = Some(score);
+                top = Some(score);
                 if self.inflight.contains(&id) {
                     continue;
                 }
@@ -713,12 +782,28 @@ impl<W: AsyncRead + AsyncWrite + Unpin> Live<W> {
                     }
                 }
             }
-            // scores are unique per message (`Message::order_key`), so the next page starts
-            // right after the last one
             if !full || last == after {
+                // read up to `until`, or (to the end) up to the last id there was
+                if let Some(covered) = until.or(top).filter(|_| whole) {
+                    self.scanned_to = self.scanned_to.max(covered);
+                }
                 return Ok(());
             }
-            after = last;
+            // Scores are unique within a request (`Message::order_key`) but not across
+            // requests accepted in the same millisecond, so more ids may share the last
+            // score than this page held: the next page starts at that score again (scores are
+            // whole numbers, exact in an f64, so "above last - 1" is "from last"). Ids read
+            // twice are skipped (in flight, or already held) or found closed again. Only a
+            // page that is one score throughout (that many requests in one millisecond)
+            // cannot move that way; it moves past it, and the mark stays where it was, so the
+            // ids it passed over are still looked for by the next hand-over.
+            after = match last {
+                Some(l) if first != last => Some(l - 1.0),
+                _ => {
+                    whole = false;
+                    last
+                }
+            };
         }
     }
 
@@ -739,16 +824,26 @@ impl<W: AsyncRead + AsyncWrite + Unpin> Live<W> {
         tracing::Instrument::instrument(write, span).await
     }
 
-    /// Sends the messages held while the client was inactive.
+    /// Sends the messages held while the client was inactive, oldest first (they were held
+    /// in the order they came, and hand-overs can come out of order).
     async fn flush_held(&mut self) -> Result<(), SessionError> {
         self.held_since = None;
+        // a due batch goes out even while the client stays inactive: the scan that may run
+        // for it must write, not hold again
         let was_inactive = std::mem::replace(&mut self.inactive, false);
-        let held = std::mem::take(&mut self.held);
+        let mut held = std::mem::take(&mut self.held);
+        held.sort_by_key(Message::order_key);
+        let mut result = Ok(());
         for m in held {
-            self.deliver(m).await?;
+            if !self.inflight.contains(&m.id) {
+                result = self.deliver_now(m, false).await;
+                if result.is_err() {
+                    break;
+                }
+            }
         }
         self.inactive = was_inactive;
-        Ok(())
+        result
     }
 
     /// The first drain of the session.
@@ -808,8 +903,10 @@ impl<W: AsyncRead + AsyncWrite + Unpin> Live<W> {
         };
         if let Transition::Applied(ev) = self.edge.store.change(&ch, now_ms()).await? {
             if to == Status::Delivered {
-                if let Ok(Some(m)) = self.edge.store.message(id).await {
-                    let secs = (now_ms() - m.message.created_at).max(0) as f64 / 1000.0;
+                // message ids are UUIDv7: the acceptance time is in the id, so the metric
+                // costs no read (the same source as `accept_to_webhook_delivered`)
+                if let Some(at) = pushgate_runtime::metrics::accepted_at_ms(id) {
+                    let secs = (now_ms() - at).max(0) as f64 / 1000.0;
                     self.edge.metrics.accept_to_delivered.observe(secs);
                 }
             }
@@ -1186,6 +1283,7 @@ where
             out_count: 0,
             unacked: VecDeque::new(),
             inflight: HashSet::new(),
+            scanned_to: f64::NEG_INFINITY,
             window_start: Instant::now(),
             window_count: 0,
             sm_id: None,

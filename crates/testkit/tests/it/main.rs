@@ -8,6 +8,7 @@ mod device_client;
 mod e2e;
 mod edge;
 mod grpc;
+mod handover;
 mod interop;
 mod native;
 mod nats_restart;
