@@ -12,7 +12,9 @@
 //! | `{NS}_SMS`      | `{ns}.sms.send`      | work queue | `sms`              | SMS send requests                   |
 //!
 //! Core NATS (not persisted; every use has a durable fallback in Redis, see docs/architecture.md):
-//! `{ns}.edge.{edge_id}.deliver` (router → edge request/reply hand-over) and
+//! `{ns}.edge.{edge_id}.deliver_batch` (router → edge request/reply hand-overs, batched per
+//! edge), `{ns}.edge.{edge_id}.deliver` (the same, one per request: routers that predate
+//! batching) and
 //! `{ns}.edge.control` (broadcast: close a device's session).
 //!
 //! Every JetStream publish carries `Nats-Msg-Id`, so a republish of the same fact within the

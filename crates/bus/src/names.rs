@@ -155,6 +155,13 @@ impl Names {
         format!("{}.edge.{edge_id}.deliver", self.ns)
     }
 
+    /// Batched hand-over of messages to one edge instance (core NATS request/reply; see
+    /// [`crate::payloads::EdgeDeliverItem`]). Edges also keep answering [`Names::edge_deliver`]
+    /// so routers of either kind work during a rolling upgrade.
+    pub fn edge_deliver_batch(&self, edge_id: &str) -> String {
+        format!("{}.edge.{edge_id}.deliver_batch", self.ns)
+    }
+
     /// To one edge: retract a message on a device's live session (core NATS; the durable
     /// copy is the device's retraction queue in Redis).
     pub fn edge_retract(&self, edge_id: &str) -> String {
@@ -184,6 +191,7 @@ mod tests {
             let root = n.stream_subjects(k);
             let root = root.trim_end_matches('>');
             assert!(!n.edge_deliver("e1").starts_with(root));
+            assert!(!n.edge_deliver_batch("e1").starts_with(root));
             assert!(!n.edge_control().starts_with(root));
         }
     }

@@ -1,6 +1,8 @@
 //! Payloads carried on the bus besides events (which are `pushgate_core::BusEvent`) and
 //! router commands (`pushgate_runtime::outbox::RouteCommand`).
 
+use std::collections::HashMap;
+
 use pushgate_core::Message;
 use serde::{Deserialize, Serialize};
 
@@ -21,6 +23,20 @@ pub enum EdgeDeliverReply {
     Accepted,
     /// That session is not here (it ended); treat the device as offline.
     NoSession,
+}
+
+/// One item of a batched hand-over: router → edge (core NATS request on
+/// `{ns}.edge.{edge}.deliver_batch`, payload `Vec<EdgeDeliverItem>`; the answer is a
+/// `Vec<EdgeDeliverReply>`, one per item, in the same order). Routers batch the hand-overs
+/// bound for one edge to save a NATS round trip and a task wake-up per message.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EdgeDeliverItem {
+    pub deliver: EdgeDeliver,
+    /// W3C trace context (`traceparent`, `tracestate`) of the router span that handed this
+    /// item over: one request carries many messages, so the request's own headers cannot say
+    /// which trace each belongs to.
+    #[serde(default, skip_serializing_if = "HashMap::is_empty")]
+    pub trace: HashMap<String, String>,
 }
 
 /// Broadcast to every edge: close the device's session (deregistered, moved, or replaced).

@@ -10,12 +10,14 @@
 //! - the **outbox sweeper** (one instance at a time, by lease) republishes events and commands
 //!   whose writer died between its Redis write and its NATS publish.
 
+mod handover;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use pushgate_bus::async_nats::jetstream::{self, AckKind};
-use pushgate_bus::payloads::{EdgeDeliver, EdgeDeliverReply, PushRequest, SmsRequest};
+use pushgate_bus::payloads::{EdgeDeliver, PushRequest, SmsRequest};
 use pushgate_bus::{Bus, ConsumerName};
 use pushgate_core::time::now_ms;
 use pushgate_core::{BusEvent, Device, Status};
@@ -118,6 +120,8 @@ struct Ctx {
     outbox: Outbox,
     metrics: Arc<Metrics>,
     instance: String,
+    /// Hand-overs to edges, batched per edge.
+    handover: handover::Handover,
 }
 
 /// A built router.
@@ -143,6 +147,8 @@ impl Service {
             })?;
         let outbox = Outbox::new(bus.clone(), store.clone(), metrics.clone());
         let instance = format!("router-{}", uuid::Uuid::new_v4().simple());
+        let handover =
+            handover::Handover::new(bus.clone(), Duration::from_millis(settings.edge_timeout_ms));
         Ok(Service {
             ctx: Arc::new(Ctx {
                 settings,
@@ -151,6 +157,7 @@ impl Service {
                 outbox,
                 metrics,
                 instance,
+                handover,
             }),
             ops,
         })
@@ -368,7 +375,8 @@ async fn reach_device(
 }
 
 /// Asks the device's edge to write the message to the live session. `Ok(false)`: the
-/// session is gone (treat as offline).
+/// session is gone (treat as offline). The request goes out in a batch with the other
+/// hand-overs to the same edge; this item's outcome is its own.
 async fn hand_to_edge(
     ctx: &Ctx,
     edge: &str,
@@ -381,23 +389,14 @@ async fn hand_to_edge(
         device_id: d.device_id.clone(),
         message: m.message.clone(),
     };
-    let timeout = Duration::from_millis(ctx.settings.edge_timeout_ms);
-    match ctx
-        .bus
-        .request_json(ctx.bus.names().edge_deliver(edge), &req, timeout)
+    ctx.handover
+        .hand_over(edge, req)
         .await
-    {
-        Ok(reply) => Ok(serde_json::from_slice::<EdgeDeliverReply>(&reply).ok()
-            == Some(EdgeDeliverReply::Accepted)),
-        Err(pushgate_bus::BusError::Request { detail, .. }) if detail.contains("no responders") => {
-            Ok(false)
-        }
-        Err(e) => Err(RouterError::EdgeBusy {
+        .map_err(|e| RouterError::EdgeBusy {
             edge: edge.into(),
             message: m.message.id.clone(),
-            detail: e.to_string(),
-        }),
-    }
+            detail: e.detail,
+        })
 }
 
 /// A newer message with the same collapse key replaces an older undelivered one of the same

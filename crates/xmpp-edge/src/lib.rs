@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use pushgate_bus::payloads::{EdgeControl, EdgeDeliver, EdgeDeliverReply};
+use pushgate_bus::payloads::{EdgeControl, EdgeDeliver, EdgeDeliverItem, EdgeDeliverReply};
 use pushgate_bus::Bus;
 use pushgate_core::event::{BusEvent, Event, EventKind, ReplyTag};
 use pushgate_core::{Device, EventId, Message};
@@ -515,6 +515,18 @@ impl Service {
                 subject: deliver_subject,
                 detail: e.to_string(),
             })?;
+        // routers that batch their hand-overs use this one; the single subject above stays
+        // for routers that do not (a rolling upgrade runs both)
+        let batch_subject = edge.bus.names().edge_deliver_batch(&edge.edge_id);
+        let batches = edge
+            .bus
+            .client()
+            .subscribe(batch_subject.clone())
+            .await
+            .map_err(|e| EdgeError::Subscribe {
+                subject: batch_subject,
+                detail: e.to_string(),
+            })?;
         let control_subject = edge.bus.names().edge_control();
         let control = edge
             .bus
@@ -539,6 +551,7 @@ impl Service {
         tracker.spawn(retract_loop(edge.clone(), retracts, shutdown.clone()));
         tracker.spawn(lease_loop(edge.clone(), shutdown.clone()));
         tracker.spawn(deliver_loop(edge.clone(), deliveries, shutdown.clone()));
+        tracker.spawn(deliver_batch_loop(edge.clone(), batches, shutdown.clone()));
         tracker.spawn(control_loop(edge.clone(), control, shutdown.clone()));
         edge.tls.spawn_watcher(shutdown.clone());
         let ready = pushgate_runtime::ops::Readiness {
@@ -700,6 +713,46 @@ async fn lease_loop(edge: Arc<Edge>, shutdown: CancellationToken) {
     }
 }
 
+/// Hands one message to the named session, if it is here. A full session queue still
+/// accepts: the message is in the pending queue and the session reads it when it has room.
+fn deliver_one(sessions: &Registry, d: EdgeDeliver) -> EdgeDeliverReply {
+    let session = sessions
+        .get(&d.message.app_id, &d.device_id)
+        .and_then(|list| list.iter().find(|h| h.session_id == d.session_id));
+    let Some(h) = session else {
+        return EdgeDeliverReply::NoSession;
+    };
+    match h.tx.try_send(SessionCmd::Deliver(Box::new(d.message))) {
+        Ok(()) => EdgeDeliverReply::Accepted,
+        Err(mailbox::TrySendError::Full) => {
+            h.needs_drain
+                .store(true, std::sync::atomic::Ordering::Release);
+            EdgeDeliverReply::Accepted
+        }
+        Err(_) => EdgeDeliverReply::NoSession,
+    }
+}
+
+/// Answers a hand-over request; a lost answer is a timeout for the router, which retries.
+async fn answer<T: Serialize>(
+    edge: &Edge,
+    to: Option<pushgate_bus::async_nats::Subject>,
+    reply: &T,
+) {
+    let Some(to) = to else {
+        return;
+    };
+    match serde_json::to_vec(reply) {
+        Ok(body) => {
+            if let Err(e) = edge.bus.client().publish(to, body.into()).await {
+                tracing::debug!(error = %e, "cannot answer a hand-over");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot encode a hand-over answer"),
+    }
+}
+
+/// Single hand-overs (`{ns}.edge.{edge}.deliver`), from routers that do not batch.
 async fn deliver_loop(
     edge: Arc<Edge>,
     mut sub: pushgate_bus::async_nats::Subscriber,
@@ -721,35 +774,57 @@ async fn deliver_loop(
                 tracing::warn!(error = %e, "unreadable hand-over");
                 EdgeDeliverReply::NoSession
             }
-            Ok(d) => {
-                let sessions = edge.sessions();
-                let session = sessions
-                    .get(&d.message.app_id, &d.device_id)
-                    .and_then(|list| list.iter().find(|h| h.session_id == d.session_id));
-                match session {
-                    Some(h) => {
-                        match h.tx.try_send(SessionCmd::Deliver(Box::new(d.message))) {
-                            Ok(()) => EdgeDeliverReply::Accepted,
-                            Err(mailbox::TrySendError::Full) => {
-                                // it is in the pending queue; the session picks it up when it has room
-                                h.needs_drain
-                                    .store(true, std::sync::atomic::Ordering::Release);
-                                EdgeDeliverReply::Accepted
-                            }
-                            Err(_) => EdgeDeliverReply::NoSession,
-                        }
-                    }
-                    _ => EdgeDeliverReply::NoSession,
-                }
-            }
+            Ok(d) => deliver_one(&edge.sessions(), d),
         };
         span.record("result", tracing::field::debug(reply));
-        if let Some(to) = msg.reply {
-            let body = serde_json::to_vec(&reply).unwrap_or_default();
-            if let Err(e) = edge.bus.client().publish(to, body.into()).await {
-                tracing::debug!(error = %e, "cannot answer a hand-over");
+        answer(&edge, msg.reply, &reply).await;
+    }
+}
+
+/// Batched hand-overs (`{ns}.edge.{edge}.deliver_batch`): every item is handled under one
+/// registry lock, and the answer holds one reply per item, in order. An unreadable batch is
+/// answered with no replies, which the router reads as "sessions gone" for each item (as it
+/// reads an unreadable single hand-over).
+async fn deliver_batch_loop(
+    edge: Arc<Edge>,
+    mut sub: pushgate_bus::async_nats::Subscriber,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let msg = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            m = sub.next() => match m { Some(m) => m, None => return },
+        };
+        let replies = match serde_json::from_slice::<Vec<EdgeDeliverItem>>(&msg.payload) {
+            Err(e) => {
+                tracing::warn!(error = %e, "unreadable batch hand-over");
+                Vec::new()
             }
-        }
+            Ok(items) => {
+                let sessions = edge.sessions();
+                items
+                    .into_iter()
+                    .map(|item| {
+                        // each hand-over in its own message's trace, carried in the item
+                        let span = tracing::info_span!(
+                            pushgate_runtime::telemetry::spans::EDGE_DELIVER,
+                            result = tracing::field::Empty
+                        );
+                        if !item.trace.is_empty() {
+                            let mut headers = pushgate_bus::async_nats::HeaderMap::new();
+                            for (k, v) in &item.trace {
+                                headers.insert(k.as_str(), v.as_str());
+                            }
+                            pushgate_bus::trace::set_parent_from(&span, Some(&headers));
+                        }
+                        let reply = deliver_one(&sessions, item.deliver);
+                        span.record("result", tracing::field::debug(reply));
+                        reply
+                    })
+                    .collect()
+            }
+        };
+        answer(&edge, msg.reply, &replies).await;
     }
 }
 

@@ -3,6 +3,7 @@
 
 mod api;
 mod api_more;
+mod batched_handover;
 mod delivery;
 mod device_client;
 mod e2e;
