@@ -752,31 +752,48 @@ async fn answer<T: Serialize>(
     }
 }
 
+/// The next message of `sub`, or `None` once the edge shuts down or the subscription ends.
+async fn next_or_shutdown(
+    sub: &mut pushgate_bus::async_nats::Subscriber,
+    shutdown: &CancellationToken,
+) -> Option<pushgate_bus::async_nats::Message> {
+    tokio::select! {
+        _ = shutdown.cancelled() => None,
+        m = sub.next() => m,
+    }
+}
+
+/// One hand-over in its message's trace: `headers` carry the router's trace context (a single
+/// request's own headers, or those a batch item carries).
+fn deliver_traced(
+    sessions: &Registry,
+    d: EdgeDeliver,
+    headers: Option<&pushgate_bus::async_nats::HeaderMap>,
+) -> EdgeDeliverReply {
+    let span = tracing::info_span!(
+        pushgate_runtime::telemetry::spans::EDGE_DELIVER,
+        result = tracing::field::Empty
+    );
+    pushgate_bus::trace::set_parent_from(&span, headers);
+    let reply = deliver_one(sessions, d);
+    span.record("result", tracing::field::debug(reply));
+    reply
+}
+
 /// Single hand-overs (`{ns}.edge.{edge}.deliver`), from routers that do not batch.
 async fn deliver_loop(
     edge: Arc<Edge>,
     mut sub: pushgate_bus::async_nats::Subscriber,
     shutdown: CancellationToken,
 ) {
-    loop {
-        let msg = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            m = sub.next() => match m { Some(m) => m, None => return },
-        };
-        // the hand-over, in the router's trace (the request's headers carry its context)
-        let span = tracing::info_span!(
-            pushgate_runtime::telemetry::spans::EDGE_DELIVER,
-            result = tracing::field::Empty
-        );
-        pushgate_bus::trace::set_parent_from(&span, msg.headers.as_ref());
+    while let Some(msg) = next_or_shutdown(&mut sub, &shutdown).await {
         let reply = match serde_json::from_slice::<EdgeDeliver>(&msg.payload) {
             Err(e) => {
                 tracing::warn!(error = %e, "unreadable hand-over");
                 EdgeDeliverReply::NoSession
             }
-            Ok(d) => deliver_one(&edge.sessions(), d),
+            Ok(d) => deliver_traced(&edge.sessions(), d, msg.headers.as_ref()),
         };
-        span.record("result", tracing::field::debug(reply));
         answer(&edge, msg.reply, &reply).await;
     }
 }
@@ -790,11 +807,7 @@ async fn deliver_batch_loop(
     mut sub: pushgate_bus::async_nats::Subscriber,
     shutdown: CancellationToken,
 ) {
-    loop {
-        let msg = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            m = sub.next() => match m { Some(m) => m, None => return },
-        };
+    while let Some(msg) = next_or_shutdown(&mut sub, &shutdown).await {
         let replies = match serde_json::from_slice::<Vec<EdgeDeliverItem>>(&msg.payload) {
             Err(e) => {
                 tracing::warn!(error = %e, "unreadable batch hand-over");
@@ -806,20 +819,14 @@ async fn deliver_batch_loop(
                     .into_iter()
                     .map(|item| {
                         // each hand-over in its own message's trace, carried in the item
-                        let span = tracing::info_span!(
-                            pushgate_runtime::telemetry::spans::EDGE_DELIVER,
-                            result = tracing::field::Empty
-                        );
-                        if !item.trace.is_empty() {
-                            let mut headers = pushgate_bus::async_nats::HeaderMap::new();
+                        let headers = (!item.trace.is_empty()).then(|| {
+                            let mut h = pushgate_bus::async_nats::HeaderMap::new();
                             for (k, v) in &item.trace {
-                                headers.insert(k.as_str(), v.as_str());
+                                h.insert(k.as_str(), v.as_str());
                             }
-                            pushgate_bus::trace::set_parent_from(&span, Some(&headers));
-                        }
-                        let reply = deliver_one(&sessions, item.deliver);
-                        span.record("result", tracing::field::debug(reply));
-                        reply
+                            h
+                        });
+                        deliver_traced(&sessions, item.deliver, headers.as_ref())
                     })
                     .collect()
             }
@@ -833,11 +840,7 @@ async fn retract_loop(
     mut sub: pushgate_bus::async_nats::Subscriber,
     shutdown: CancellationToken,
 ) {
-    loop {
-        let msg = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            m = sub.next() => match m { Some(m) => m, None => return },
-        };
+    while let Some(msg) = next_or_shutdown(&mut sub, &shutdown).await {
         let Ok(r) = serde_json::from_slice::<pushgate_bus::payloads::EdgeRetract>(&msg.payload)
         else {
             continue;
@@ -856,11 +859,7 @@ async fn control_loop(
     mut sub: pushgate_bus::async_nats::Subscriber,
     shutdown: CancellationToken,
 ) {
-    loop {
-        let msg = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            m = sub.next() => match m { Some(m) => m, None => return },
-        };
+    while let Some(msg) = next_or_shutdown(&mut sub, &shutdown).await {
         let Ok(ctl) = serde_json::from_slice::<EdgeControl>(&msg.payload) else {
             continue;
         };
