@@ -107,10 +107,15 @@ impl FromRequestParts<Arc<Ctx>> for AppAuth {
             return Err(ApiError::Unauthorized);
         }
         let hash = pushgate_core::credentials::sha256_hex(token.as_bytes());
-        match state.store.app_for_key(&hash).await? {
-            Some(app_id) => {
-                state.check_rate(&app_id).await?;
-                Ok(AppAuth { app_id })
+        // the key lookup and the app's rate count in one round trip (one script); with the
+        // rate limit off nothing is counted, as `Ctx::check_rate` does
+        let second = (state.settings.rate_limit_per_app != 0).then(Ctx::rate_second);
+        match state.store.use_api_key(&hash, second).await? {
+            Some(key) => {
+                if let Some(count) = key.count {
+                    state.judge_rate(count)?;
+                }
+                Ok(AppAuth { app_id: key.app_id })
             }
             None => Err(ApiError::Unauthorized),
         }

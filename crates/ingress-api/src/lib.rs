@@ -147,9 +147,23 @@ impl Ctx {
         if limit == 0 {
             return Ok(());
         }
-        let second = pushgate_core::time::now_ms() / 1000;
-        let n = self.store.count_request(app_id, second, 1).await?;
-        if n > limit {
+        let n = self
+            .store
+            .count_request(app_id, Self::rate_second(), 1)
+            .await?;
+        self.judge_rate(n)
+    }
+
+    /// The current window of the per-app rate limit: the current second.
+    pub(crate) fn rate_second() -> i64 {
+        pushgate_core::time::now_ms() / 1000
+    }
+
+    /// Refuses a request that made its app's count in the current window exceed the limit
+    /// (shared by [`Ctx::check_rate`] and the API key check, which counts as it authenticates).
+    pub(crate) fn judge_rate(&self, count: u64) -> Result<(), ApiError> {
+        let limit = self.settings.rate_limit_per_app;
+        if limit != 0 && count > limit {
             return Err(ApiError::RateLimited {
                 limit,
                 retry_after_secs: 1,

@@ -1,6 +1,6 @@
 //! Messages (backend endpoints).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use axum::extract::{Path, Query, State};
@@ -213,15 +213,50 @@ fn validate(req: &SendRequest, now: i64) -> Result<(i64, i64), ApiError> {
 }
 
 /// Checks that named users and devices exist in the app.
+///
+/// All distinct users are read in one round trip ([`pushgate_store::Store::users_devices`]),
+/// each with its own result; [`judge_recipients`] then judges the recipients in order.
 async fn check_recipients(ctx: &Ctx, app: &str, req: &SendRequest) -> Result<(), ApiError> {
+    let mut seen = HashSet::new();
+    let users: Vec<&str> = req
+        .recipients
+        .iter()
+        .filter_map(|r| r.user_id.as_deref())
+        .filter(|u| seen.insert(*u))
+        .collect();
+    let read = ctx.store.users_devices(app, &users).await?;
+    let read = users
+        .into_iter()
+        .zip(read)
+        .map(|(u, devs)| {
+            (
+                u,
+                devs.map(|d| d.into_iter().map(|d| d.device_id).collect()),
+            )
+        })
+        .collect();
+    judge_recipients(&req.recipients, read)
+}
+
+/// Judges the recipients in order against each named user's device ids as read (`read` holds
+/// every user named), answering as when each user was read at its first mention: the first
+/// failing recipient is reported, whether its user or device is unknown or its user's devices
+/// could not be read.
+fn judge_recipients<'a>(
+    recipients: &'a [Recipient],
+    mut read: HashMap<&'a str, Result<Vec<String>, pushgate_store::StoreError>>,
+) -> Result<(), ApiError> {
     let mut users: HashMap<&str, Vec<String>> = HashMap::new();
-    for (i, r) in req.recipients.iter().enumerate() {
+    for (i, r) in recipients.iter().enumerate() {
         let Some(u) = r.user_id.as_deref() else {
             continue;
         };
         if !users.contains_key(u) {
-            let devs = ctx.store.user_devices(app, u).await?;
-            users.insert(u, devs.into_iter().map(|d| d.device_id).collect());
+            // first mention, where the user used to be read: its read error surfaces here
+            let devs = read
+                .remove(u)
+                .ok_or_else(|| ApiError::Internal(format!("user {u:?} was not read")))??;
+            users.insert(u, devs);
         }
         let devs = users.get(u).map(Vec::as_slice).unwrap_or(&[]);
         if devs.is_empty() {
@@ -729,4 +764,75 @@ pub async fn erase_undelivered(ctx: &Ctx, app: &str, user: &str) -> Result<(), A
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use pushgate_store::StoreError;
+
+    use super::*;
+
+    fn to(user: &str, device: Option<&str>) -> Recipient {
+        Recipient {
+            user_id: Some(user.into()),
+            device_id: device.map(str::to_string),
+            phone: None,
+            foreign_id: None,
+        }
+    }
+
+    fn sms() -> Recipient {
+        Recipient {
+            user_id: None,
+            device_id: None,
+            phone: Some("+15550100".into()),
+            foreign_id: None,
+        }
+    }
+
+    /// u1 has d1, u2 none, u3's devices could not be read.
+    fn read() -> HashMap<&'static str, Result<Vec<String>, StoreError>> {
+        HashMap::from([
+            ("u1", Ok(vec!["d1".to_string()])),
+            ("u2", Ok(vec![])),
+            ("u3", Err(StoreError::Conflict("dev".into()))),
+        ])
+    }
+
+    /// The answer as the API gives it: kind and field.
+    fn verdict(rs: &[Recipient]) -> Option<(String, Option<String>)> {
+        judge_recipients(rs, read()).err().map(|e| match e {
+            ApiError::UnknownUser { field, .. } => ("unknown-user".into(), Some(field)),
+            ApiError::Unavailable(_) => ("unavailable".into(), None),
+            other => (format!("unexpected: {other}"), None),
+        })
+    }
+
+    #[test]
+    fn the_first_failing_recipient_is_reported() {
+        assert_eq!(
+            verdict(&[to("u1", None), sms(), to("u1", Some("d1"))]),
+            None
+        );
+        let unknown = |f: &str| Some(("unknown-user".to_string(), Some(f.to_string())));
+        // a user without devices before an unreadable one, and the other way round
+        assert_eq!(
+            verdict(&[to("u1", None), to("u2", None), to("u3", None)]),
+            unknown("recipients[1].user_id")
+        );
+        assert_eq!(
+            verdict(&[sms(), to("u3", None), to("u2", None)]),
+            Some(("unavailable".to_string(), None))
+        );
+        // an unknown device of a known user, before anything else
+        assert_eq!(
+            verdict(&[to("u1", None), to("u1", Some("d9")), to("u3", None)]),
+            unknown("recipients[1].device_id")
+        );
+        // a user mentioned again is judged on the same read
+        assert_eq!(
+            verdict(&[to("u1", Some("d1")), to("u2", Some("d1"))]),
+            unknown("recipients[1].user_id")
+        );
+    }
 }

@@ -122,6 +122,11 @@ impl Keys {
     pub fn rate(&self, app: &str, second: i64) -> String {
         format!("{}:rate:{app}:{second}", self.ns)
     }
+    /// [`Keys::rate`] split around the app id (`before + app + after`), for a script that
+    /// reads the app id from Redis and so builds the key itself.
+    pub fn rate_parts(&self, second: i64) -> (String, String) {
+        (format!("{}:rate:", self.ns), format!(":{second}"))
+    }
     pub fn lock(&self, name: &str) -> String {
         format!("{}:lock:{name}", self.ns)
     }

@@ -5,6 +5,7 @@
 //! ever sees half a change and racing writers (receipt vs. expiry) have exactly one winner.
 //! Every key layout is in [`keys`].
 
+mod ingress;
 pub mod keys;
 mod route;
 pub mod scripts;
@@ -17,6 +18,7 @@ use pushgate_core::{App, Device, HistoryEntry, Message, Status};
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 
+pub use ingress::KeyUse;
 pub use keys::Keys;
 pub use redis;
 pub use route::RouteTarget;
