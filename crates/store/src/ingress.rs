@@ -244,17 +244,13 @@ mod tests {
 
     type TestResult = Result<(), Box<dyn std::error::Error>>;
 
-    const APP: &str = "app_0123456789abcdef0123456789";
-    const SECOND: i64 = 1_700_000_000;
+    use crate::test_support::APP;
 
-    fn redis_url() -> String {
-        std::env::var("PUSHGATE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-    }
+    const SECOND: i64 = 1_700_000_000;
 
     /// A store in a namespace of its own.
     async fn store() -> Result<Store, StoreError> {
-        let ns = format!("in{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
-        Store::connect(&redis_url(), &ns).await
+        crate::test_support::store("in").await
     }
 
     /// Every rate counter of the store's namespace, with its value and TTL.

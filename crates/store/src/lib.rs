@@ -10,6 +10,8 @@ pub mod keys;
 mod route;
 pub mod scripts;
 pub mod session;
+#[cfg(test)]
+mod test_support;
 
 use std::time::Duration;
 

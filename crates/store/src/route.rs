@@ -224,15 +224,10 @@ mod tests {
 
     type TestResult = Result<(), Box<dyn std::error::Error>>;
 
-    const APP: &str = "app_0123456789abcdef0123456789";
-
-    fn redis_url() -> String {
-        std::env::var("PUSHGATE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-    }
+    use crate::test_support::APP;
 
     async fn store() -> Result<Store, StoreError> {
-        let ns = format!("rt{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
-        Store::connect(&redis_url(), &ns).await
+        crate::test_support::store("rt").await
     }
 
     fn device(id: &str, user: &str) -> Device {
@@ -261,22 +256,8 @@ mod tests {
 
     fn message(user: &str, only: Option<&str>, pos: u32) -> Message {
         Message {
-            id: uuid::Uuid::now_v7().to_string(),
-            app_id: APP.into(),
-            user_id: Some(user.into()),
             device_id: only.map(str::to_string),
-            phone: None,
-            foreign_id: None,
-            text: "t".into(),
-            title: None,
-            data: None,
-            priority: Default::default(),
-            collapse_key: None,
-            sms_fallback: None,
-            send_at: None,
-            created_at: 1_700_000_000_000,
-            pos,
-            expires_at: 1_700_000_060_000,
+            ..crate::test_support::message(user, 1_700_000_000_000, pos)
         }
     }
 

@@ -237,32 +237,12 @@ mod tests {
     #[tokio::test]
     async fn a_device_is_noted_once_and_a_repeated_confirmation_writes_nothing(
     ) -> Result<(), Box<dyn std::error::Error>> {
-        use crate::{Change, Store, Transition};
-        use pushgate_core::{HistoryEntry, Message};
+        use crate::{Change, Transition};
+        use pushgate_core::HistoryEntry;
 
-        let url = std::env::var("PUSHGATE_TEST_REDIS_URL")
-            .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-        let ns = format!("n{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
-        let store = Store::connect(&url, &ns).await?;
+        let store = crate::test_support::store("n").await?;
         let now = pushgate_core::time::now_ms();
-        let m = Message {
-            id: uuid::Uuid::now_v7().to_string(),
-            app_id: "app_0123456789abcdef0123456789".into(),
-            user_id: Some("u".into()),
-            device_id: None,
-            phone: None,
-            foreign_id: None,
-            text: "t".into(),
-            title: None,
-            data: None,
-            priority: Default::default(),
-            collapse_key: None,
-            sms_fallback: None,
-            send_at: None,
-            created_at: now,
-            pos: 0,
-            expires_at: now + 3_600_000,
-        };
+        let m = crate::test_support::message("u", now, 0);
         let ev = format!("{}|ev", m.id);
         store
             .create_messages(&[(m.clone(), Status::Enqueued, ev)])

@@ -100,36 +100,14 @@ mod tests {
     use super::*;
     use pushgate_core::Message;
 
-    fn redis_url() -> String {
-        std::env::var("PUSHGATE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-    }
-
-    const APP: &str = "app_0123456789abcdef0123456789";
+    use crate::test_support::APP;
 
     fn message(created_at: i64, pos: u32) -> Message {
-        Message {
-            id: uuid::Uuid::now_v7().to_string(),
-            app_id: APP.into(),
-            user_id: Some("u".into()),
-            device_id: None,
-            phone: None,
-            foreign_id: None,
-            text: "t".into(),
-            title: None,
-            data: None,
-            priority: Default::default(),
-            collapse_key: None,
-            sms_fallback: None,
-            send_at: None,
-            created_at,
-            pos,
-            expires_at: created_at + 3_600_000,
-        }
+        crate::test_support::message("u", created_at, pos)
     }
 
     async fn store() -> Result<Store, StoreError> {
-        let ns = format!("s{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
-        Store::connect(&redis_url(), &ns).await
+        crate::test_support::store("s").await
     }
 
     async fn accept(s: &Store, msgs: &[Message], device: &str) -> Result<(), StoreError> {
