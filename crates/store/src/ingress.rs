@@ -236,7 +236,6 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
-    use pushgate_core::{Platform, ScramCredentials, TokenState};
     use redis::AsyncCommands;
 
     use super::*;
@@ -244,7 +243,7 @@ mod tests {
 
     type TestResult = Result<(), Box<dyn std::error::Error>>;
 
-    use crate::test_support::APP;
+    use crate::test_support::{device, APP};
 
     const SECOND: i64 = 1_700_000_000;
 
@@ -273,30 +272,6 @@ mod tests {
         let hash = format!("h-{app}");
         let _: () = s.conn().set(s.keys().api_key(&hash), app).await?;
         Ok(hash)
-    }
-
-    fn device(id: &str, user: &str) -> Device {
-        Device {
-            app_id: APP.into(),
-            device_id: id.into(),
-            user_id: user.into(),
-            platform: Platform::Android,
-            push_token: Some(format!("tok-{id}")),
-            webpush: None,
-            phone: None,
-            locale: None,
-            jid_local: format!("j-{id}"),
-            generation: 1,
-            token_state: TokenState::Valid,
-            scram: ScramCredentials {
-                salt: "c2FsdA==".into(),
-                iterations: 4096,
-                stored_key: "c2s=".into(),
-                server_key: "c2s=".into(),
-            },
-            created_at: 1,
-            updated_at: 1,
-        }
     }
 
     #[test]

@@ -217,41 +217,16 @@ impl Store {
 mod tests {
     use std::time::Duration;
 
-    use pushgate_core::{Platform, ScramCredentials, TokenState};
     use redis::AsyncCommands;
 
     use super::*;
 
     type TestResult = Result<(), Box<dyn std::error::Error>>;
 
-    use crate::test_support::APP;
+    use crate::test_support::{device, APP};
 
     async fn store() -> Result<Store, StoreError> {
         crate::test_support::store("rt").await
-    }
-
-    fn device(id: &str, user: &str) -> Device {
-        Device {
-            app_id: APP.into(),
-            device_id: id.into(),
-            user_id: user.into(),
-            platform: Platform::Android,
-            push_token: Some(format!("tok-{id}")),
-            webpush: None,
-            phone: None,
-            locale: None,
-            jid_local: format!("j-{id}"),
-            generation: 1,
-            token_state: TokenState::Valid,
-            scram: ScramCredentials {
-                salt: "c2FsdA==".into(),
-                iterations: 4096,
-                stored_key: "c2s=".into(),
-                server_key: "c2s=".into(),
-            },
-            created_at: 1,
-            updated_at: 1,
-        }
     }
 
     fn message(user: &str, only: Option<&str>, pos: u32) -> Message {

@@ -1,7 +1,7 @@
 //! What the store's unit tests share: a store in a namespace of its own on the test Redis, and
 //! a message to route or settle.
 
-use pushgate_core::Message;
+use pushgate_core::{Device, Message, Platform, ScramCredentials, TokenState};
 
 use crate::{Store, StoreError};
 
@@ -43,5 +43,30 @@ pub fn message(user: &str, created_at: i64, pos: u32) -> Message {
         created_at,
         pos,
         expires_at: created_at + 3_600_000,
+    }
+}
+
+/// An Android device `id` of [`APP`]'s `user`, with a valid token.
+pub fn device(id: &str, user: &str) -> Device {
+    Device {
+        app_id: APP.into(),
+        device_id: id.into(),
+        user_id: user.into(),
+        platform: Platform::Android,
+        push_token: Some(format!("tok-{id}")),
+        webpush: None,
+        phone: None,
+        locale: None,
+        jid_local: format!("j-{id}"),
+        generation: 1,
+        token_state: TokenState::Valid,
+        scram: ScramCredentials {
+            salt: "c2FsdA==".into(),
+            iterations: 4096,
+            stored_key: "c2s=".into(),
+            server_key: "c2s=".into(),
+        },
+        created_at: 1,
+        updated_at: 1,
     }
 }
