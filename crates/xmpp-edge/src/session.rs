@@ -143,6 +143,9 @@ async fn open_stream<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     }
 }
 
+/// The first byte of a TLS handshake record (RFC 8446 §5.1, `ContentType.handshake`).
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
 /// A session's future, boxed (see [`serve_tls`]).
 pub type SessionFuture = Pin<Box<dyn Future<Output = Result<(), SessionError>> + Send>>;
 
@@ -167,6 +170,20 @@ async fn starttls_handshake(
     edge: &Edge,
     mut tcp: TcpStream,
 ) -> Result<tokio_rustls::server::TlsStream<TcpStream>, SessionError> {
+    // A client that starts TLS at once on this port (direct TLS belongs on the direct-TLS
+    // port; some clients try it first everywhere, slixmpp among them) sends a TLS record,
+    // which holds no `<`: the XML reader would wait for one until the handshake timeout, and
+    // the client with it before it falls back to STARTTLS. A TLS handshake record starts with
+    // 0x16; nothing in XML can, so close at once: the client's handshake fails right away.
+    let mut first = [0u8; 1];
+    let peeked = tokio::time::timeout(edge.settings.handshake_timeout(), tcp.peek(&mut first))
+        .await
+        .map_err(|_| SessionError::Timeout("stream header"))??;
+    if peeked == 1 && first[0] == TLS_HANDSHAKE_RECORD {
+        return Err(SessionError::Tls(
+            "a TLS handshake on the STARTTLS port (direct TLS has its own port)".into(),
+        ));
+    }
     {
         let (rd, mut wr) = tcp.split();
         let mut r = StanzaReader::new(rd, edge.limits());

@@ -252,3 +252,41 @@ async fn repeated_failed_logins_lock_the_account_and_the_address() -> anyhow::Re
     env.stop().await;
     Ok(())
 }
+
+/// A client that opens TLS straight away on the STARTTLS port (slixmpp tries that first) is
+/// closed at once, so it can fall back to STARTTLS; the XML reader would otherwise wait for a
+/// `<` until the handshake timeout. The timeout here is ten minutes, so without the check this
+/// test would hang until its guard fails.
+#[tokio::test]
+async fn a_tls_hello_on_the_starttls_port_is_closed_at_once() -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let env = TestEnv::start_with(|s| s.edge.handshake_timeout_secs = 600).await?;
+    let mut tcp = tokio::net::TcpStream::connect(env.xmpp_addr()).await?;
+    // the start of a TLS 1.2/1.3 ClientHello: handshake record, version, length, client_hello
+    tcp.write_all(&[
+        0x16, 0x03, 0x01, 0x00, 0xf4, 0x01, 0x00, 0x00, 0xf0, 0x03, 0x03,
+    ])
+    .await?;
+    let mut buf = [0u8; 256];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(60), tcp.read(&mut buf))
+        .await
+        .map_err(|_| anyhow::anyhow!("the edge kept a TLS hello on its STARTTLS port open"))?
+        .unwrap_or(0);
+    assert_eq!(n, 0, "closed without an answer: {:?}", &buf[..n]);
+
+    // a plain client on the same port still gets its stream
+    let mut tcp = tokio::net::TcpStream::connect(env.xmpp_addr()).await?;
+    tcp.write_all(b"<?xml version='1.0'?><stream:stream to='pushgate.test' version='1.0' xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>")
+        .await?;
+    let mut got = Vec::new();
+    while !String::from_utf8_lossy(&got).contains("starttls") {
+        let n = tokio::time::timeout(std::time::Duration::from_secs(60), tcp.read(&mut buf))
+            .await
+            .map_err(|_| anyhow::anyhow!("no stream features"))??;
+        anyhow::ensure!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    drop(tcp);
+    env.stop().await;
+    Ok(())
+}
