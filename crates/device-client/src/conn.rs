@@ -12,7 +12,7 @@ use pushgate_xmpp::{escape, Element, Limits, StanzaReader, XmlError, XmlEvent, N
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 
-use crate::scram::ScramClient;
+use crate::scram::{Keys, ScramClient};
 use crate::{ClientError, TlsMode};
 
 pub(crate) const NS_CLIENT: &str = "jabber:client";
@@ -45,6 +45,9 @@ pub(crate) struct Target {
     pub tls: TlsMode,
     pub resource: Option<String>,
     pub tls_config: Arc<rustls::ClientConfig>,
+    /// SCRAM keys from the last successful login, so reconnects skip PBKDF2 (see
+    /// [`crate::scram::Keys`]).
+    pub scram_keys: std::sync::Mutex<Option<crate::scram::Keys>>,
 }
 
 /// A session ready for stanzas.
@@ -317,12 +320,23 @@ async fn authenticate<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             challenge.name
         )));
     }
-    let server_first = decode_sasl(&challenge.text)?;
-    let password = t.password.clone();
-    // PBKDF2 is deliberately slow: keep it off the I/O threads
-    let fin = tokio::task::spawn_blocking(move || scram.client_final(&password, &server_first))
-        .await
-        .map_err(|e| ClientError::Protocol(format!("SCRAM computation failed: {e}")))??;
+    let server_first = scram.server_first(&decode_sasl(&challenge.text)?)?;
+    let kept = match t.scram_keys.lock() {
+        Ok(k) => k.as_ref().filter(|k| k.fit(&server_first)).cloned(),
+        Err(_) => None,
+    };
+    let keys = match kept {
+        Some(k) => k,
+        None => {
+            let password = t.password.clone();
+            let (salt, iterations) = (server_first.salt.clone(), server_first.iterations);
+            // PBKDF2 is deliberately slow: keep it off the I/O threads
+            tokio::task::spawn_blocking(move || Keys::derive(&password, &salt, iterations))
+                .await
+                .map_err(|e| ClientError::Protocol(format!("SCRAM computation failed: {e}")))?
+        }
+    };
+    let fin = scram.client_final_with(&keys, &server_first);
     send(
         w,
         &format!(
@@ -338,7 +352,12 @@ async fn authenticate<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             outcome.name
         )));
     }
-    fin.verify_server_final(&decode_sasl(&outcome.text)?)
+    fin.verify_server_final(&decode_sasl(&outcome.text)?)?;
+    // kept only once the server proved it knows the verifier these keys belong to
+    if let Ok(mut k) = t.scram_keys.lock() {
+        *k = Some(keys);
+    }
+    Ok(())
 }
 
 /// The next SASL element; `<failure/>` becomes [`ClientError::Auth`].

@@ -308,6 +308,7 @@ fn target(config: &ClientConfig) -> Result<Target, ClientError> {
         tls: config.tls,
         resource: config.resource.clone(),
         tls_config: Arc::new(tls_config),
+        scram_keys: std::sync::Mutex::new(None),
     })
 }
 

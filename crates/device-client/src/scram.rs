@@ -68,13 +68,22 @@ impl ScramClient {
         format!("{GS2_HEADER}{}", self.client_first_bare)
     }
 
-    /// Answers the server-first message. Runs PBKDF2, so it is slow by design: call it off the
-    /// async I/O threads.
+    /// Answers the server-first message from the password. Runs PBKDF2, so it is slow by
+    /// design: call it off the async I/O threads.
+    #[cfg(test)]
     pub fn client_final(
         &self,
         password: &str,
         server_first: &str,
     ) -> Result<ClientFinal, ClientError> {
+        let sf = self.server_first(server_first)?;
+        let keys = Keys::derive(password, &sf.salt, sf.iterations);
+        Ok(self.client_final_with(&keys, &sf))
+    }
+
+    /// Reads and checks the server-first message: the nonce must extend ours, the iteration
+    /// count must be sane, and no mandatory extension may be asked for.
+    pub fn server_first(&self, server_first: &str) -> Result<ServerFirst, ClientError> {
         let mut nonce = None;
         let mut salt = None;
         let mut iterations = None;
@@ -112,23 +121,73 @@ impl ScramClient {
                 "iteration count {iterations} outside {MIN_ITERATIONS}..={MAX_ITERATIONS}"
             )));
         }
-        let salted =
-            pushgate_core::credentials::salted_password(password.as_bytes(), &salt, iterations);
-        let client_key = hmac(&salted, b"Client Key");
-        let stored_key: [u8; 32] = Sha256::digest(client_key).into();
-        let without_proof = format!("c={},r={nonce}", STANDARD.encode(GS2_HEADER));
-        let auth_message = format!("{},{server_first},{without_proof}", self.client_first_bare);
+        Ok(ServerFirst {
+            raw: server_first.to_string(),
+            nonce: nonce.to_string(),
+            salt,
+            iterations,
+        })
+    }
+
+    /// The client-final message from keys derived for this salt and iteration count (fresh,
+    /// or kept from an earlier login: see [`Keys`]).
+    pub fn client_final_with(&self, keys: &Keys, sf: &ServerFirst) -> ClientFinal {
+        let stored_key: [u8; 32] = Sha256::digest(keys.client_key).into();
+        let without_proof = format!("c={},r={}", STANDARD.encode(GS2_HEADER), sf.nonce);
+        let auth_message = format!("{},{},{without_proof}", self.client_first_bare, sf.raw);
         let client_signature = hmac(&stored_key, auth_message.as_bytes());
-        let proof: Vec<u8> = client_key
+        let proof: Vec<u8> = keys
+            .client_key
             .iter()
             .zip(client_signature.iter())
             .map(|(k, s)| k ^ s)
             .collect();
-        let server_key = hmac(&salted, b"Server Key");
-        Ok(ClientFinal {
+        ClientFinal {
             message: format!("{without_proof},p={}", STANDARD.encode(proof)),
-            server_signature: hmac(&server_key, auth_message.as_bytes()),
-        })
+            server_signature: hmac(&keys.server_key, auth_message.as_bytes()),
+        }
+    }
+}
+
+/// The server-first message, checked.
+pub(crate) struct ServerFirst {
+    raw: String,
+    nonce: String,
+    pub salt: Vec<u8>,
+    pub iterations: u32,
+}
+
+/// What the client derives from its password for one salt and iteration count.
+///
+/// RFC 5802 §5.1 lets a client keep the ClientKey and ServerKey instead of deriving them at
+/// every login: on a phone that reconnects after every network change, that is thousands of
+/// HMAC rounds (battery, and delay before the session is back) saved per reconnect. Kept only
+/// in memory, for as long as the client lives; a new salt or count (the password was changed,
+/// the device re-registered) derives them again.
+#[derive(Clone)]
+pub(crate) struct Keys {
+    salt: Vec<u8>,
+    iterations: u32,
+    client_key: [u8; 32],
+    server_key: [u8; 32],
+}
+
+impl Keys {
+    /// PBKDF2 (slow by design: call it off the async I/O threads) and the two HMACs.
+    pub fn derive(password: &str, salt: &[u8], iterations: u32) -> Keys {
+        let salted =
+            pushgate_core::credentials::salted_password(password.as_bytes(), salt, iterations);
+        Keys {
+            salt: salt.to_vec(),
+            iterations,
+            client_key: hmac(&salted, b"Client Key"),
+            server_key: hmac(&salted, b"Server Key"),
+        }
+    }
+
+    /// Whether these keys answer this server-first message.
+    pub fn fit(&self, sf: &ServerFirst) -> bool {
+        self.iterations == sf.iterations && self.salt == sf.salt
     }
 }
 
@@ -211,6 +270,32 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    /// Keys kept from one login answer the next exchange (new nonces) exactly as the
+    /// password would, and only fit the same salt and count.
+    #[test]
+    fn kept_keys_answer_like_the_password() -> Result<(), ClientError> {
+        let first = ScramClient::with_nonce("user", CNONCE);
+        let sf = first.server_first(SERVER_FIRST)?;
+        let keys = Keys::derive("pencil", &sf.salt, sf.iterations);
+        assert_eq!(first.client_final_with(&keys, &sf).message, CLIENT_FINAL);
+
+        let again = ScramClient::with_nonce("user", "anothernonce");
+        let server_first = "r=anothernonceXYZ,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096";
+        let sf2 = again.server_first(server_first)?;
+        assert!(keys.fit(&sf2));
+        let kept = again.client_final_with(&keys, &sf2);
+        let fresh = again.client_final("pencil", server_first)?;
+        assert_eq!(kept.message, fresh.message);
+        assert_eq!(kept.server_signature, fresh.server_signature);
+
+        let other_salt = again.server_first("r=anothernonceXYZ,s=c2FsdA==,i=4096")?;
+        assert!(!keys.fit(&other_salt));
+        let other_count =
+            again.server_first("r=anothernonceXYZ,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=8192")?;
+        assert!(!keys.fit(&other_count));
+        Ok(())
     }
 
     #[test]
