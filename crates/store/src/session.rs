@@ -39,6 +39,23 @@ pub struct PendingCheck {
 }
 
 impl Store {
+    /// Takes ids out of a device's pending queue that no longer wait for anything (settled,
+    /// or confirmed on another device of the user): a closed status never opens again.
+    pub async fn pending_forget(
+        &self,
+        app: &str,
+        device: &str,
+        ids: &[String],
+    ) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let _: () =
+            redis::AsyncCommands::zrem(&mut self.conn.clone(), self.keys.pending(app, device), ids)
+                .await?;
+        Ok(())
+    }
+
     /// Whether message `id` still waits for the device, with its status and (per `older`) the
     /// other ids queued up to its score, read atomically in one round trip. `None`: not
     /// pending (any more). About `limit` other ids are listed at most; `limit` or more means

@@ -779,26 +779,40 @@ impl<W: AsyncRead + AsyncWrite + Unpin> Live<W> {
             let full = page.len() == PENDING_PAGE;
             let first = page.first().map(|(_, score)| *score);
             let mut last = after;
+            // ids that wait for nothing any more: another device of the user confirmed them,
+            // or they were settled or erased without this queue being told
+            let mut settled = Vec::new();
             for (id, score) in page {
                 last = Some(score);
                 top = Some(score);
                 if self.inflight.contains(&id) {
                     continue;
                 }
-                if let Some(m) = self.edge.store.message(&id).await? {
-                    if m.status.is_open() && m.message.expires_at > now_ms() {
-                        if self.inactive && m.message.priority == pushgate_core::Priority::Normal {
-                            // XEP-0352: held until the client is active or the batch is due
-                            if !self.held.iter().any(|h| h.id == m.message.id) {
-                                self.held_since.get_or_insert_with(Instant::now);
-                                self.held.push(m.message);
-                            }
-                            continue;
-                        }
-                        self.write_message(m.message).await?;
-                    }
+                let Some(m) = self.edge.store.message(&id).await? else {
+                    settled.push(id);
+                    continue;
+                };
+                if !m.status.is_open() {
+                    settled.push(id);
+                    continue;
                 }
+                if m.message.expires_at <= now_ms() {
+                    // expiring: the clock settles it and clears the queues
+                    continue;
+                }
+                if self.inactive && m.message.priority == pushgate_core::Priority::Normal {
+                    // XEP-0352: held until the client is active or the batch is due
+                    if !self.held.iter().any(|h| h.id == m.message.id) {
+                        self.held_since.get_or_insert_with(Instant::now);
+                        self.held.push(m.message);
+                    }
+                    continue;
+                }
+                self.write_message(m.message).await?;
             }
+            // a closed status never opens again, so these would only be read at every drain
+            // from now on (a second device's queue grew by every message the first confirmed)
+            self.edge.store.pending_forget(&app, &dev, &settled).await?;
             if !full || last == after {
                 // read up to `until`, or (to the end) up to the last id there was
                 if let Some(covered) = until.or(top).filter(|_| whole) {

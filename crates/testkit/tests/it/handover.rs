@@ -322,3 +322,53 @@ async fn a_backlog_with_ties_across_a_page_boundary_is_drained_whole() -> anyhow
     env.stop().await;
     Ok(())
 }
+
+/// A message another device of the user confirmed is not shown on the second device when it
+/// connects, and leaves its pending queue then instead of being read again at every drain.
+#[tokio::test]
+async fn a_message_confirmed_on_one_device_leaves_the_others_queue() -> anyhow::Result<()> {
+    let env = TestEnv::start().await?;
+    let (app, key) = env.create_app(None).await?;
+    let (phone_jid, phone_pw) = env
+        .register_device(&key, "both", "phone", json!({"platform": "xmpp"}))
+        .await?;
+    let (tablet_jid, tablet_pw) = env
+        .register_device(&key, "both", "tablet", json!({"platform": "xmpp"}))
+        .await?;
+    let mut phone = TestDevice::connect(env.xmpp_addr(), &phone_jid, &phone_pw).await?;
+    phone.enable_sm().await?;
+    let (s, b) = env
+        .send(
+            &key,
+            json!({"recipients": [{"user_id": "both"}], "text": "once"}),
+        )
+        .await?;
+    anyhow::ensure!(s == 202, "send: {b}");
+    let id = b["messages"][0]["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(phone.next_message().await?.id, id);
+    phone.ack_received(&id).await?;
+    env.wait_status(&key, &id, "delivered").await?;
+    // routing queued it for the tablet too
+    assert_eq!(
+        env.store.pending(&app, "tablet", 10).await?,
+        vec![id.clone()]
+    );
+
+    let mut tablet = TestDevice::connect(env.xmpp_addr(), &tablet_jid, &tablet_pw).await?;
+    tablet.enable_sm().await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !env.store.pending(&app, "tablet", 10).await?.is_empty() {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the tablet's queue still holds the delivered message"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // and it was never shown there
+    barrier(&mut tablet, "t0").await?;
+    env.stop().await;
+    Ok(())
+}
