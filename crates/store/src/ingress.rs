@@ -13,7 +13,8 @@ use std::sync::LazyLock;
 use pushgate_core::Device;
 use redis::{Script, Value};
 
-use crate::{decode, Store, StoreError};
+use crate::scripts::MGET_PREFIXED;
+use crate::{Store, StoreError};
 
 /// An API key that names an app, and what counting the request gave.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,18 +72,7 @@ for u = 1, #KEYS do
   if type(ids) == 'table' and ids.err then
     out[u] = {0, ids.err}
   else
-    -- MGET in slices: unpack() of a long list would overflow Lua's C stack
-    local raws = {}
-    local slice = 256
-    for first = 1, #ids, slice do
-      local keys = {}
-      for i = first, math.min(first + slice - 1, #ids) do
-        table.insert(keys, ARGV[1] .. ids[i])
-      end
-      local got = redis.call('MGET', unpack(keys))
-      for j = 1, #keys do raws[first + j - 1] = got[j] end
-    end
-    out[u] = {1, ids, raws}
+    out[u] = {1, ids, mget_prefixed(ARGV[1], ids)}
   end
 end
 return out
@@ -91,7 +81,8 @@ return out
 /// Loaded once per process; `invoke_async` sends EVALSHA and loads the script on NOSCRIPT.
 static USE_API_KEY: LazyLock<Script> = LazyLock::new(|| Script::new(USE_API_KEY_LUA));
 /// As [`USE_API_KEY`].
-static USERS_DEVICES: LazyLock<Script> = LazyLock::new(|| Script::new(USERS_DEVICES_LUA));
+static USERS_DEVICES: LazyLock<Script> =
+    LazyLock::new(|| Script::new(&format!("{MGET_PREFIXED}{USERS_DEVICES_LUA}")));
 
 /// A reply shape the scripts never produce (a script of another version loaded under the same
 /// SHA is impossible; this guards against reading garbage as an answer).
@@ -221,16 +212,7 @@ impl Store {
         let (ids, raws): (Vec<String>, Vec<Value>) = rows.into_iter().unzip();
         let raws: Vec<Option<String>> =
             redis::from_redis_value(Value::Array(raws)).map_err(redis::RedisError::from)?;
-        let mut out = Vec::with_capacity(raws.len());
-        for (id, raw) in ids.iter().zip(raws) {
-            if let Some(r) = raw {
-                let d: Device = decode(&self.keys.device(app, id), &r)?;
-                if d.user_id == user {
-                    out.push(d);
-                }
-            }
-        }
-        Ok(out)
+        self.decode_user_devices(app, user, &ids, raws)
     }
 }
 

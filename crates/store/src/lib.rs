@@ -338,10 +338,22 @@ impl Store {
         }
         let keys: Vec<String> = ids.iter().map(|d| self.keys.device(app, d)).collect();
         let raws: Vec<Option<String>> = redis::cmd("MGET").arg(&keys).query_async(&mut c).await?;
+        self.decode_user_devices(app, user, &ids, raws)
+    }
+
+    /// A user's device records as read for the sorted `ids` (`None` where missing): decoded,
+    /// those that moved to another user left out. Any corrupt record fails the whole read.
+    pub(crate) fn decode_user_devices(
+        &self,
+        app: &str,
+        user: &str,
+        ids: &[String],
+        raws: Vec<Option<String>>,
+    ) -> Result<Vec<Device>, StoreError> {
         let mut out = Vec::with_capacity(raws.len());
-        for (k, raw) in keys.iter().zip(raws) {
+        for (id, raw) in ids.iter().zip(raws) {
             if let Some(r) = raw {
-                let d: Device = decode(k, &r)?;
+                let d: Device = decode(&self.keys.device(app, id), &r)?;
                 if d.user_id == user {
                     out.push(d);
                 }

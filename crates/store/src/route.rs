@@ -14,6 +14,7 @@ use std::sync::LazyLock;
 use pushgate_core::{Device, Message};
 use redis::Script;
 
+use crate::scripts::MGET_PREFIXED;
 use crate::{decode, Store, StoreError};
 
 /// A device the router targets for a message, with where it is live.
@@ -60,17 +61,7 @@ local ids = redis.call('SMEMBERS', KEYS[1])
 if #ids == 0 then return {1, {}} end
 table.sort(ids, byte_less)
 
--- MGET in slices: unpack() of a long list would overflow Lua's C stack
-local raws = {}
-local slice = 256
-for first = 1, #ids, slice do
-  local keys = {}
-  for i = first, math.min(first + slice - 1, #ids) do
-    table.insert(keys, ARGV[1] .. ids[i])
-  end
-  local got = redis.call('MGET', unpack(keys))
-  for j = 1, #keys do raws[first + j - 1] = got[j] end
-end
+local raws = mget_prefixed(ARGV[1], ids)
 
 local rows = {}
 local targets = {}
@@ -119,7 +110,7 @@ return {1, rows}
 /// like the store's other scripts. A static rather than a `Store` field keeps this module
 /// self-contained.
 static TARGET_USER_DEVICES: LazyLock<Script> =
-    LazyLock::new(|| Script::new(TARGET_USER_DEVICES_LUA));
+    LazyLock::new(|| Script::new(&format!("{MGET_PREFIXED}{TARGET_USER_DEVICES_LUA}")));
 
 /// One row of the script's answer: member id, record JSON, targeted, live, edge, session.
 type Row = (String, String, String, String, String, String);

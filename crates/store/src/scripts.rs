@@ -175,6 +175,25 @@ end
 return out
 "#;
 
+/// A Lua function for scripts that read records named by a set's members: the values of
+/// `prefix .. id` for every id, in order (false where missing). MGET in slices, because
+/// `unpack()` of a long list would overflow Lua's C stack.
+pub const MGET_PREFIXED: &str = r#"
+local function mget_prefixed(prefix, ids)
+  local raws = {}
+  local slice = 256
+  for first = 1, #ids, slice do
+    local keys = {}
+    for i = first, math.min(first + slice - 1, #ids) do
+      table.insert(keys, prefix .. ids[i])
+    end
+    local got = redis.call('MGET', unpack(keys))
+    for j = 1, #keys do raws[first + j - 1] = got[j] end
+  end
+  return raws
+end
+"#;
+
 /// Deletes a key only if it still holds the given value (presence hand-over, locks).
 pub const COMPARE_AND_DELETE: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
