@@ -284,40 +284,26 @@ async fn route(ctx: &Ctx, m: &StoredMessage, attempt: u64) -> Result<(), RouterE
             .await?;
         return Ok(());
     };
-    let Some(key) = &msg.collapse_key else {
-        // the common case: targets, pending queues and presence in one store round trip
-        let targets = ctx.store.target_user_devices(msg, user).await?;
-        if targets.is_empty() {
-            tracing::info!(message_id = %msg.id, "no device to route to; the message waits for expiry");
+    if let Some(key) = &msg.collapse_key {
+        // the claim decides whether this message is routed at all, so it comes before the
+        // targets are written; a user with no device to route to claims nothing
+        let mut devices = ctx.store.user_devices(&msg.app_id, user).await?;
+        if let Some(only) = &msg.device_id {
+            devices.retain(|d| &d.device_id == only);
+        }
+        if !devices.is_empty() && collapse(ctx, msg, user, key).await? {
             return Ok(());
         }
-        let mut retry = None;
-        for t in &targets {
-            if let Some(e) = reach_device(ctx, m, &t.device, t.presence.as_ref(), attempt).await? {
-                retry = Some(e);
-            }
-        }
-        return retry.map_or(Ok(()), Err);
-    };
-    // a collapse key: the claim decides whether this message is routed at all, and it must
-    // come before the targets are written, so this path keeps its separate steps
-    let mut devices: Vec<Device> = ctx.store.user_devices(&msg.app_id, user).await?;
-    if let Some(only) = &msg.device_id {
-        devices.retain(|d| &d.device_id == only);
     }
-    if devices.is_empty() {
+    // targets, pending queues and presence in one store round trip
+    let targets = ctx.store.target_user_devices(msg, user).await?;
+    if targets.is_empty() {
         tracing::info!(message_id = %msg.id, "no device to route to; the message waits for expiry");
         return Ok(());
     }
-    if collapse(ctx, msg, user, key).await? {
-        return Ok(());
-    }
-    let ids: Vec<String> = devices.iter().map(|d| d.device_id.clone()).collect();
-    ctx.store.target_devices(msg, &ids).await?;
     let mut retry = None;
-    for d in &devices {
-        let presence = ctx.store.presence(&msg.app_id, &d.device_id).await?;
-        if let Some(e) = reach_device(ctx, m, d, presence.as_ref(), attempt).await? {
+    for t in &targets {
+        if let Some(e) = reach_device(ctx, m, &t.device, t.presence.as_ref(), attempt).await? {
             retry = Some(e);
         }
     }
