@@ -1,6 +1,8 @@
 //! Trace context in NATS headers (W3C `traceparent`/`tracestate`), so one message is one trace
 //! across services. Uses whatever propagator the telemetry set up globally.
 
+use std::collections::HashMap;
+
 use async_nats::HeaderMap;
 use opentelemetry::propagation::{Extractor, Injector};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -48,6 +50,23 @@ pub fn extract(headers: Option<&HeaderMap>) -> opentelemetry::Context {
 pub fn set_parent_from(span: &tracing::Span, headers: Option<&HeaderMap>) {
     if let Some(h) = headers {
         let cx = opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(h)));
+        let _ = span.set_parent(cx);
+    }
+}
+
+/// The current span's context as a plain map, for a payload that carries several messages in
+/// one bus message: headers hold one context, each item carries its own.
+pub fn current_map() -> HashMap<String, String> {
+    let cx = tracing::Span::current().context();
+    let mut map = HashMap::new();
+    opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, &mut map));
+    map
+}
+
+/// Makes `span` a child of the context carried in `map` (see [`current_map`]), if any.
+pub fn set_parent_from_map(span: &tracing::Span, map: &HashMap<String, String>) {
+    if !map.is_empty() {
+        let cx = opentelemetry::global::get_text_map_propagator(|p| p.extract(map));
         let _ = span.set_parent(cx);
     }
 }

@@ -17,7 +17,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use pushgate_bus::async_nats::HeaderMap;
 use pushgate_bus::payloads::{EdgeDeliver, EdgeDeliverItem, EdgeDeliverReply};
 use pushgate_bus::{Bus, BusError};
 use tokio::sync::{mpsc, oneshot};
@@ -71,17 +70,7 @@ impl Handover {
     /// context of the calling span travels with the item, so the edge's `edge.deliver` span
     /// stays under this router's `router.handle`.
     pub async fn hand_over(&self, edge: &str, deliver: EdgeDeliver) -> Outcome {
-        let mut headers = HeaderMap::new();
-        pushgate_bus::trace::inject_current(&mut headers);
-        let trace = headers
-            .iter()
-            .filter_map(|(k, _)| {
-                let k: &str = k.as_ref();
-                headers
-                    .get(k)
-                    .map(|v| (k.to_string(), v.as_str().to_string()))
-            })
-            .collect();
+        let trace = pushgate_bus::trace::current_map();
         let (done, rx) = oneshot::channel();
         self.enqueue(
             edge,

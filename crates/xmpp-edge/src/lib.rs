@@ -763,18 +763,18 @@ async fn next_or_shutdown(
     }
 }
 
-/// One hand-over in its message's trace: `headers` carry the router's trace context (a single
-/// request's own headers, or those a batch item carries).
+/// One hand-over in its message's trace: `set_parent` puts the span under the router's
+/// context (a single request's headers, or the map a batch item carries).
 fn deliver_traced(
     sessions: &Registry,
     d: EdgeDeliver,
-    headers: Option<&pushgate_bus::async_nats::HeaderMap>,
+    set_parent: impl FnOnce(&tracing::Span),
 ) -> EdgeDeliverReply {
     let span = tracing::info_span!(
         pushgate_runtime::telemetry::spans::EDGE_DELIVER,
         result = tracing::field::Empty
     );
-    pushgate_bus::trace::set_parent_from(&span, headers);
+    set_parent(&span);
     let reply = deliver_one(sessions, d);
     span.record("result", tracing::field::debug(reply));
     reply
@@ -792,7 +792,9 @@ async fn deliver_loop(
                 tracing::warn!(error = %e, "unreadable hand-over");
                 EdgeDeliverReply::NoSession
             }
-            Ok(d) => deliver_traced(&edge.sessions(), d, msg.headers.as_ref()),
+            Ok(d) => deliver_traced(&edge.sessions(), d, |span| {
+                pushgate_bus::trace::set_parent_from(span, msg.headers.as_ref())
+            }),
         };
         answer(&edge, msg.reply, &reply).await;
     }
@@ -819,14 +821,9 @@ async fn deliver_batch_loop(
                     .into_iter()
                     .map(|item| {
                         // each hand-over in its own message's trace, carried in the item
-                        let headers = (!item.trace.is_empty()).then(|| {
-                            let mut h = pushgate_bus::async_nats::HeaderMap::new();
-                            for (k, v) in &item.trace {
-                                h.insert(k.as_str(), v.as_str());
-                            }
-                            h
-                        });
-                        deliver_traced(&sessions, item.deliver, headers.as_ref())
+                        deliver_traced(&sessions, item.deliver, |span| {
+                            pushgate_bus::trace::set_parent_from_map(span, &item.trace)
+                        })
                     })
                     .collect()
             }

@@ -722,12 +722,17 @@ impl<W: AsyncRead + AsyncWrite + Unpin> Live<W> {
     /// cancellation can slip between check and write as short as before; a cancellation
     /// inside it is retracted like one that comes after the write.
     async fn deliver_now(&mut self, m: Message, handed_over: bool) -> Result<(), SessionError> {
-        let (app, dev) = (self.device.app_id.clone(), self.device.device_id.clone());
         let mark = self.mark();
         let Some(check) = self
             .edge
             .store
-            .pending_check(&app, &dev, &m.id, Older::After(mark), PENDING_PAGE)
+            .pending_check(
+                &self.device.app_id,
+                &self.device.device_id,
+                &m.id,
+                Older::After(mark),
+                PENDING_PAGE,
+            )
             .await?
         else {
             // delivered, expired or cancelled meanwhile: never show it
