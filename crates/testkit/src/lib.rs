@@ -225,6 +225,21 @@ impl TestEnv {
         Ok((status, r.json().await.unwrap_or(Value::Null)))
     }
 
+    /// Sends one text to a user's devices; returns the message id (fails unless 202).
+    pub async fn send_text(&self, key: &str, user: &str, text: &str) -> anyhow::Result<String> {
+        let (status, body) = self
+            .send(
+                key,
+                serde_json::json!({"recipients": [{"user_id": user}], "text": text}),
+            )
+            .await?;
+        anyhow::ensure!(status == 202, "send: {status} {body}");
+        body["messages"][0]["id"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| anyhow::anyhow!("no message id in {body}"))
+    }
+
     /// `GET /v1/messages/{id}`.
     pub async fn message(&self, key: &str, id: &str) -> anyhow::Result<(u16, Value)> {
         let r = self

@@ -69,22 +69,6 @@ async fn next_message_id(client: &Client) -> anyhow::Result<String> {
     }
 }
 
-async fn send_text(env: &TestEnv, key: &str, user: &str, text: &str) -> anyhow::Result<String> {
-    let (status, body) = env
-        .send(
-            key,
-            json!({"recipients": [{"user_id": user}], "text": text}),
-        )
-        .await?;
-    if status != 202 {
-        bail!("send: {status} {body}");
-    }
-    body["messages"][0]["id"]
-        .as_str()
-        .map(str::to_string)
-        .with_context(|| format!("no message id in {body}"))
-}
-
 #[tokio::test]
 async fn receives_acks_and_reads_with_a_local_record() -> anyhow::Result<()> {
     let env = TestEnv::start().await?;
@@ -155,7 +139,7 @@ async fn a_message_seen_by_native_push_is_confirmed_but_not_shown_again() -> any
     let dir = StoreDir::new();
     // sent while the device is offline; the app shows it from a native push first, e.g. in
     // a notification extension that opens the store without connecting
-    let pushed = send_text(&env, &key, "ben", "seen natively").await?;
+    let pushed = env.send_text(&key, "ben", "seen natively").await?;
     assert!(pushgate_device::note_native_push_in_store(
         dir.file(),
         pushed.clone()
@@ -163,7 +147,7 @@ async fn a_message_seen_by_native_push_is_confirmed_but_not_shown_again() -> any
     let client = Client::connect(config(&env, &jid, &pw, &dir)?).await?;
     // the pending queue delivers oldest first, so the pushed copy comes (and is dropped)
     // before this one
-    let fresh = send_text(&env, &key, "ben", "only over xmpp").await?;
+    let fresh = env.send_text(&key, "ben", "only over xmpp").await?;
     assert_eq!(next_message_id(&client).await?, fresh);
     // the XMPP copy of the pushed message was still confirmed, by the client on its own
     env.wait_status(&key, &pushed, "delivered").await?;
@@ -186,11 +170,11 @@ async fn resumes_after_a_dropped_connection() -> anyhow::Result<()> {
         .await?;
     let dir = StoreDir::new();
     let client = Client::connect(config(&env, &jid, &pw, &dir)?).await?;
-    let taken = send_text(&env, &key, "cy", "before the drop").await?;
+    let taken = env.send_text(&key, "cy", "before the drop").await?;
     assert_eq!(next_message_id(&client).await?, taken);
 
     client.drop_connection_for_test(true).await?;
-    let while_away = send_text(&env, &key, "cy", "while away").await?;
+    let while_away = env.send_text(&key, "cy", "while away").await?;
     assert_eq!(next(&client).await?, DeviceEvent::Reconnected);
     assert_eq!(next_message_id(&client).await?, while_away);
     // the resumption told the server which messages the app had taken: `taken` counts as
@@ -199,7 +183,7 @@ async fn resumes_after_a_dropped_connection() -> anyhow::Result<()> {
     // stanzas written on the resumed stream are acknowledged like before the drop
     client.ack(&while_away).await?;
     env.wait_status(&key, &while_away, "delivered").await?;
-    let after = send_text(&env, &key, "cy", "after").await?;
+    let after = env.send_text(&key, "cy", "after").await?;
     assert_eq!(next_message_id(&client).await?, after);
     client.close().await?;
     env.stop().await;
@@ -216,12 +200,12 @@ async fn a_new_session_after_a_drop_shows_nothing_twice() -> anyhow::Result<()> 
     let dir = StoreDir::new();
     let client = Client::connect(config(&env, &jid, &pw, &dir)?).await?;
     // taken by the app but not confirmed: the server sends it again on a new session
-    let first = send_text(&env, &key, "di", "before the drop").await?;
+    let first = env.send_text(&key, "di", "before the drop").await?;
     assert_eq!(next_message_id(&client).await?, first);
 
     // as if the resume window had passed: the client binds a new session
     client.drop_connection_for_test(false).await?;
-    let while_away = send_text(&env, &key, "di", "while away").await?;
+    let while_away = env.send_text(&key, "di", "while away").await?;
     assert_eq!(next(&client).await?, DeviceEvent::Reconnected);
     // the re-sent copy of `first` comes before this one (oldest first) and is dropped
     assert_eq!(next_message_id(&client).await?, while_away);
@@ -230,14 +214,14 @@ async fn a_new_session_after_a_drop_shows_nothing_twice() -> anyhow::Result<()> 
     env.wait_status(&key, &first, "delivered").await?;
     env.wait_status(&key, &while_away, "delivered").await?;
     // nothing else was queued: the next event is the next message
-    let after = send_text(&env, &key, "di", "after").await?;
+    let after = env.send_text(&key, "di", "after").await?;
     assert_eq!(next_message_id(&client).await?, after);
 
     // and across a restart of the app: the process dies without a goodbye (closing while
     // disconnected sends nothing), a new client opens the same store
     client.drop_connection_for_test(false).await?;
     client.close().await?;
-    let unconfirmed = send_text(&env, &key, "di", "offline").await?;
+    let unconfirmed = env.send_text(&key, "di", "offline").await?;
     let again = Client::connect(config(&env, &jid, &pw, &dir)?).await?;
     // `after` was taken but never confirmed: sent again, and dropped by the store before
     // `unconfirmed` arrives
@@ -265,7 +249,7 @@ async fn reply_over_direct_tls_reaches_the_webhook() -> anyhow::Result<()> {
     cfg.tls = TlsMode::DirectTls;
     cfg.port = direct.port();
     let client = Client::connect(cfg).await?;
-    let id = send_text(&env, &key, "dee", "lunch?").await?;
+    let id = env.send_text(&key, "dee", "lunch?").await?;
     assert_eq!(next_message_id(&client).await?, id);
     // returns once the server acknowledged the reply
     client.reply(&id, "yes <please> & thanks").await?;
@@ -300,7 +284,7 @@ async fn a_cancelled_message_is_retracted() -> anyhow::Result<()> {
         .await?;
     let dir = StoreDir::new();
     let client = Client::connect(config(&env, &jid, &pw, &dir)?).await?;
-    let id = send_text(&env, &key, "eve", "never mind").await?;
+    let id = env.send_text(&key, "eve", "never mind").await?;
     assert_eq!(next_message_id(&client).await?, id);
     let r = env
         .http

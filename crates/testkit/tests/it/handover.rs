@@ -236,17 +236,7 @@ async fn an_ack_then_a_receipt_for_one_message_record_one_delivery() -> anyhow::
         .await?;
     let mut dev = TestDevice::connect(env.xmpp_addr(), &jid, &pw).await?;
     dev.enable_sm().await?;
-    let (s, b) = env
-        .send(
-            &key,
-            json!({"recipients": [{"user_id": "twice"}], "text": "once"}),
-        )
-        .await?;
-    anyhow::ensure!(s == 202, "send: {b}");
-    let id = b["messages"][0]["id"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let id = env.send_text(&key, "twice", "once").await?;
     assert_eq!(dev.next_message().await?.id, id);
     // the stream-management ack confirms it first, the receipt comes after
     dev.sm_ack().await?;
@@ -337,17 +327,7 @@ async fn a_message_confirmed_on_one_device_leaves_the_others_queue() -> anyhow::
         .await?;
     let mut phone = TestDevice::connect(env.xmpp_addr(), &phone_jid, &phone_pw).await?;
     phone.enable_sm().await?;
-    let (s, b) = env
-        .send(
-            &key,
-            json!({"recipients": [{"user_id": "both"}], "text": "once"}),
-        )
-        .await?;
-    anyhow::ensure!(s == 202, "send: {b}");
-    let id = b["messages"][0]["id"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let id = env.send_text(&key, "both", "once").await?;
     assert_eq!(phone.next_message().await?.id, id);
     phone.ack_received(&id).await?;
     env.wait_status(&key, &id, "delivered").await?;
