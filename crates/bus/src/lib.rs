@@ -19,7 +19,10 @@
 //!
 //! Every JetStream publish carries `Nats-Msg-Id`, so a republish of the same fact within the
 //! duplicate window (2 min) is dropped by the server; consumers are idempotent beyond that.
+//! Events and route commands go as group-committed batches ([`batch`]): one stream message
+//! may carry many of them, and their consumers read every message with [`batch::items`].
 
+pub mod batch;
 pub mod consume;
 pub mod names;
 pub mod payloads;
@@ -64,6 +67,8 @@ pub struct Bus {
     js: jetstream::Context,
     names: Names,
     replicas: usize,
+    /// Per-subject group commit for [`Bus::publish_batched`].
+    batcher: std::sync::Arc<batch::Batcher>,
 }
 
 impl Bus {
@@ -106,6 +111,7 @@ impl Bus {
         let js = jetstream::new(client.clone());
         let bus = Bus {
             client,
+            batcher: std::sync::Arc::new(batch::Batcher::new(js.clone())),
             js,
             names: Names::new(namespace),
             replicas: replicas.max(1),
@@ -217,6 +223,42 @@ impl Bus {
             detail: e.to_string(),
         })?;
         Ok(())
+    }
+
+    /// Publishes a pre-encoded item to a JetStream subject in that subject's next batch
+    /// ([`batch`]: items queued while the subject's previous publish was in flight go as one
+    /// stream message) and waits for the stream's ack of it. For facts whose consumers read
+    /// them with [`batch::items`]: events and router commands.
+    pub async fn publish_batched(
+        &self,
+        subject: &str,
+        msg_id: &str,
+        body: Bytes,
+    ) -> Result<(), BusError> {
+        self.enqueue_batched(subject, msg_id, body).await
+    }
+
+    /// Queues an item like [`Bus::publish_batched`] at once, and returns a future for its
+    /// ack, so a caller with several items puts them all in the queue (in order) before
+    /// waiting.
+    pub fn enqueue_batched(
+        &self,
+        subject: &str,
+        msg_id: &str,
+        body: Bytes,
+    ) -> impl std::future::Future<Output = Result<(), BusError>> + Send + 'static {
+        let rx = self.batcher.enqueue(subject, msg_id, body);
+        let subject = subject.to_string();
+        async move {
+            match rx.await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(detail)) => Err(batch::publish_error(&subject, detail)),
+                Err(_) => Err(batch::publish_error(
+                    &subject,
+                    "the subject's publish task stopped".into(),
+                )),
+            }
+        }
     }
 
     /// The durable pull consumer `name`.

@@ -63,10 +63,14 @@ pub fn current_map() -> HashMap<String, String> {
     map
 }
 
+/// The trace context a map (as from [`current_map`]) carries.
+pub fn context_from_map(map: &HashMap<String, String>) -> opentelemetry::Context {
+    opentelemetry::global::get_text_map_propagator(|p| p.extract(map))
+}
+
 /// Makes `span` a child of the context carried in `map` (see [`current_map`]), if any.
 pub fn set_parent_from_map(span: &tracing::Span, map: &HashMap<String, String>) {
     if !map.is_empty() {
-        let cx = opentelemetry::global::get_text_map_propagator(|p| p.extract(map));
-        let _ = span.set_parent(cx);
+        let _ = span.set_parent(context_from_map(map));
     }
 }

@@ -111,6 +111,8 @@ pub async fn watch_events(
         .messages()
         .await
         .map_err(|e| unavailable("event consumer", &e))?;
+    // events of a batched bus message not yet handed out
+    let mut ready = std::collections::VecDeque::new();
     if let WatchStart::AfterEventId(id) = &start {
         let mut scanned = 0u64;
         loop {
@@ -123,7 +125,9 @@ pub async fn watch_events(
                 None => return Err(ApiError::Unavailable("event consumer ended".into())),
             };
             scanned += 1;
-            if decode(&msg, app).is_some_and(|ev| ev.id == *id) {
+            let mut events = decode(&msg, app);
+            if let Some(at) = events.iter().position(|ev| ev.id == *id) {
+                ready.extend(events.drain(at + 1..));
                 break;
             }
         }
@@ -131,12 +135,15 @@ pub async fn watch_events(
     }
     let app = app.to_string();
     let shutdown = ctx.shutdown.clone();
-    let events = stream::unfold(Some(messages), move |state| {
+    let events = stream::unfold(Some((messages, ready)), move |state| {
         let app = app.clone();
         let shutdown = shutdown.clone();
         async move {
-            let mut messages = state?;
+            let (mut messages, mut ready) = state?;
             loop {
+                if let Some(ev) = ready.pop_front() {
+                    return Some((Ok(ev), Some((messages, ready))));
+                }
                 // a shutting-down ingress ends live streams so draining does not wait on them;
                 // clients resume with the last event id
                 let next = tokio::select! {
@@ -144,11 +151,7 @@ pub async fn watch_events(
                     n = messages.next() => n,
                 };
                 match next {
-                    Some(Ok(msg)) => {
-                        if let Some(ev) = decode(&msg, &app) {
-                            return Some((Ok(ev), Some(messages)));
-                        }
-                    }
+                    Some(Ok(msg)) => ready.extend(decode(&msg, &app)),
                     Some(Err(e)) => {
                         let err = ApiError::Unavailable(format!("event consumer: {e}"));
                         return Some((Err(err), None));
@@ -161,21 +164,23 @@ pub async fn watch_events(
     Ok(events.boxed())
 }
 
-/// The public event inside a bus message. Undecodable messages and events of another app
-/// (which the subject filter should make impossible) are skipped with a warning rather than
-/// ending every watch of the app.
-fn decode(msg: &Message, app: &str) -> Option<Event> {
-    match serde_json::from_slice::<BusEvent>(&msg.payload) {
-        Ok(ev) if ev.app_id == app => Some(ev.event),
-        Ok(ev) => {
-            tracing::warn!(subject = %msg.subject, app_id = %ev.app_id, "event of another app on the app's subject skipped");
-            None
-        }
-        Err(e) => {
-            tracing::warn!(subject = %msg.subject, error = %e, "undecodable event skipped");
-            None
+/// The public events inside a bus message (one, or a batch: [`pushgate_bus::batch`]).
+/// Undecodable events and events of another app (which the subject filter should make
+/// impossible) are skipped with a warning rather than ending every watch of the app.
+fn decode(msg: &Message, app: &str) -> Vec<Event> {
+    let mut out = Vec::new();
+    for item in pushgate_bus::batch::items(msg.headers.as_ref(), &msg.payload) {
+        match serde_json::from_slice::<BusEvent>(item.payload) {
+            Ok(ev) if ev.app_id == app => out.push(ev.event),
+            Ok(ev) => {
+                tracing::warn!(subject = %msg.subject, app_id = %ev.app_id, "event of another app on the app's subject skipped");
+            }
+            Err(e) => {
+                tracing::warn!(subject = %msg.subject, error = %e, "undecodable event skipped");
+            }
         }
     }
+    out
 }
 
 /// `GET /v1/events/stream` query.

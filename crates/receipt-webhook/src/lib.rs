@@ -37,7 +37,7 @@ use tokio_util::task::TaskTracker;
 pub use batch::{backoff_delay, encode_body, order_events};
 pub use signing::{sign, signature_header};
 
-use worker::{Delivery, Shared, Worker};
+use worker::{Carrier, Delivery, Shared, Worker};
 
 /// The `User-Agent` of every webhook request, so receivers can tell Pushgate's calls apart.
 pub const USER_AGENT: &str = "Pushgate-Webhook/0.1";
@@ -345,7 +345,8 @@ impl Service {
         }
     }
 
-    /// Hands one JetStream message to its app's worker, starting the worker if needed.
+    /// Hands the events of one JetStream message (one, or a batch of one app's events) to
+    /// their app's worker, starting the worker if needed.
     async fn dispatch(
         &self,
         msg: jetstream::Message,
@@ -353,58 +354,62 @@ impl Service {
         tracker: &TaskTracker,
         shutdown: &CancellationToken,
     ) {
-        let event: BusEvent = match serde_json::from_slice(&msg.payload) {
-            Ok(e) => e,
-            Err(e) => {
-                // it can never be delivered; terminating stops redelivery, and the stream keeps it
-                tracing::error!(subject = %msg.subject, error = %e, "undecodable event on the bus; terminated");
-                if let Err(e) = msg.ack_with(AckKind::Term).await {
-                    tracing::warn!(error = %e, "cannot terminate JetStream message");
+        let mut events = Vec::new();
+        for item in pushgate_bus::batch::items(msg.headers.as_ref(), &msg.payload) {
+            match serde_json::from_slice::<BusEvent>(item.payload) {
+                // the app id becomes part of a Redis key; refuse anything that is not one of ours
+                Ok(e) if !AppId::is_well_formed(&e.app_id) => {
+                    tracing::error!(subject = %msg.subject, app = %e.app_id, "event with a malformed app id; dropped");
                 }
-                return;
+                Ok(e) => events.push((e, item.trace())),
+                // it can never be delivered; the stream keeps it
+                Err(e) => {
+                    tracing::error!(subject = %msg.subject, error = %e, "undecodable event on the bus; dropped");
+                }
             }
-        };
-        if !AppId::is_well_formed(&event.app_id) {
-            // the app id becomes part of a Redis key; refuse anything that is not one of ours
-            tracing::error!(subject = %msg.subject, app = %event.app_id, "event with a malformed app id; terminated");
+        }
+        if events.is_empty() {
+            // terminating stops redelivery
             if let Err(e) = msg.ack_with(AckKind::Term).await {
                 tracing::warn!(error = %e, "cannot terminate JetStream message");
             }
             return;
         }
-        let app_id = event.app_id.clone();
-        if workers.get(&app_id).is_some_and(|w| w.tx.is_closed()) {
-            // the worker is gone (it stops only on shutdown, or if it panicked): start afresh
-            workers.remove(&app_id);
-        }
-        let handle = workers.entry(app_id.clone()).or_insert_with(|| {
-            let (tx, rx) = mpsc::unbounded_channel();
-            let held = Arc::new(AtomicUsize::new(0));
-            let worker = Worker::new(
-                app_id,
-                self.shared.clone(),
-                rx,
-                held.clone(),
-                shutdown.clone(),
-            );
-            tracker.spawn(worker.run());
-            WorkerHandle {
-                tx,
-                held,
-                last_used: Instant::now(),
+        let carrier = Carrier::new(msg, events.len());
+        for (event, trace) in events {
+            let app_id = event.app_id.clone();
+            if workers.get(&app_id).is_some_and(|w| w.tx.is_closed()) {
+                // the worker is gone (it stops only on shutdown, or if it panicked): start afresh
+                workers.remove(&app_id);
             }
-        });
-        handle.held.fetch_add(1, Ordering::AcqRel);
-        handle.last_used = Instant::now();
-        if let Err(mpsc::error::SendError(d)) = handle.tx.send(Delivery {
-            msg,
-            event,
-            arrived: Instant::now(),
-        }) {
-            // only during shutdown: let JetStream redeliver it
-            handle.held.fetch_sub(1, Ordering::AcqRel);
-            if let Err(e) = d.msg.ack_with(AckKind::Nak(None)).await {
-                tracing::debug!(error = %e, "cannot nak JetStream message");
+            let handle = workers.entry(app_id.clone()).or_insert_with(|| {
+                let (tx, rx) = mpsc::unbounded_channel();
+                let held = Arc::new(AtomicUsize::new(0));
+                let worker = Worker::new(
+                    app_id,
+                    self.shared.clone(),
+                    rx,
+                    held.clone(),
+                    shutdown.clone(),
+                );
+                tracker.spawn(worker.run());
+                WorkerHandle {
+                    tx,
+                    held,
+                    last_used: Instant::now(),
+                }
+            });
+            handle.held.fetch_add(1, Ordering::AcqRel);
+            handle.last_used = Instant::now();
+            if let Err(mpsc::error::SendError(d)) = handle.tx.send(Delivery {
+                carrier: carrier.clone(),
+                event,
+                trace,
+                arrived: Instant::now(),
+            }) {
+                // only during shutdown: let JetStream redeliver it
+                handle.held.fetch_sub(1, Ordering::AcqRel);
+                d.carrier.settle_one(AckKind::Nak(None)).await;
             }
         }
     }

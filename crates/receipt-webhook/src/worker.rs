@@ -44,10 +44,60 @@ struct EventsBody {
     events: Vec<pushgate_core::Event>,
 }
 
+/// A JetStream message and the events it carried ([`pushgate_bus::batch`]: one, or a batch of
+/// one app's events). Each event is settled on its own; the message is settled when its last
+/// event is: acked if every event was accepted (or dead-lettered), otherwise handed back
+/// whole, so an event is never acked before it was delivered. A handed-back batch brings its
+/// accepted events again too; receivers dedupe by id (docs/webhooks.md).
+pub(crate) struct Carrier {
+    msg: jetstream::Message,
+    /// Events of the message not settled yet.
+    open: AtomicUsize,
+    /// How the message goes back if any of its events was not accepted (the first such kind).
+    back: std::sync::Mutex<Option<AckKind>>,
+}
+
+impl Carrier {
+    pub(crate) fn new(msg: jetstream::Message, events: usize) -> Arc<Self> {
+        Arc::new(Carrier {
+            msg,
+            open: AtomicUsize::new(events),
+            back: std::sync::Mutex::new(None),
+        })
+    }
+
+    /// Settles one of the message's events; settles the message when it was the last.
+    pub(crate) async fn settle_one(&self, kind: AckKind) {
+        if !matches!(kind, AckKind::Ack) {
+            let mut back = self.back.lock().unwrap_or_else(|p| p.into_inner());
+            back.get_or_insert(kind);
+        }
+        if self.open.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return;
+        }
+        let back = *self.back.lock().unwrap_or_else(|p| p.into_inner());
+        let res = match back {
+            None => self.msg.ack().await,
+            Some(k) => self.msg.ack_with(k).await,
+        };
+        if let Err(e) = res {
+            // the server redelivers after ack_wait; receivers dedupe by event id
+            tracing::warn!(error = %e, "cannot settle JetStream message");
+        }
+    }
+
+    /// Whether the message still has events to settle (and so must be kept alive).
+    fn is_open(&self) -> bool {
+        self.open.load(Ordering::Acquire) > 0
+    }
+}
+
 /// One event taken from the bus, with the JetStream message that must be settled for it.
 pub(crate) struct Delivery {
-    pub msg: jetstream::Message,
+    pub carrier: Arc<Carrier>,
     pub event: BusEvent,
+    /// The event's own trace context (a batch carries one per event).
+    pub trace: opentelemetry::Context,
     pub arrived: Instant,
 }
 
@@ -64,7 +114,8 @@ pub(crate) struct Shared {
 struct Batch {
     id: String,
     body: Bytes,
-    msgs: Vec<jetstream::Message>,
+    carriers: Vec<Arc<Carrier>>,
+    traces: Vec<opentelemetry::Context>,
     events: usize,
     started: Instant,
 }
@@ -205,10 +256,12 @@ impl Worker {
     /// Moves up to `max_batch` queued events into the in-flight batch.
     async fn start_batch(&mut self) {
         let n = self.queue.len().min(self.shared.tuning.max_batch);
-        let mut msgs = Vec::with_capacity(n);
+        let mut carriers = Vec::with_capacity(n);
+        let mut traces = Vec::with_capacity(n);
         let mut events = Vec::with_capacity(n);
         for d in self.queue.drain(..n) {
-            msgs.push(d.msg);
+            carriers.push(d.carrier);
+            traces.push(d.trace);
             events.push(d.event);
         }
         let ordered = order_events(events);
@@ -217,7 +270,8 @@ impl Worker {
                 self.inflight = Some(Batch {
                     id: uuid::Uuid::now_v7().to_string(),
                     body: Bytes::from(body),
-                    msgs,
+                    carriers,
+                    traces,
                     events: ordered.len(),
                     started: Instant::now(),
                 });
@@ -226,7 +280,7 @@ impl Worker {
                 // Events decoded from JSON always encode again; should that ever break, the
                 // messages come back later instead of being dropped.
                 tracing::error!(app = %self.app_id, error = %e, "cannot encode webhook batch");
-                self.settle(msgs, AckKind::Nak(Some(self.shared.tuning.max_backoff)))
+                self.settle(carriers, AckKind::Nak(Some(self.shared.tuning.max_backoff)))
                     .await;
             }
         }
@@ -263,9 +317,7 @@ impl Worker {
                     if let Some(b) = &self.inflight {
                         pushgate_runtime::telemetry::parent_and_links(
                             &span,
-                            b.msgs
-                                .iter()
-                                .map(|m| pushgate_bus::trace::extract(m.headers.as_ref())),
+                            b.traces.iter().cloned(),
                         );
                     }
                     let shared = self.shared.clone();
@@ -449,11 +501,16 @@ impl Worker {
         }
     }
 
-    /// Extends the ack deadline of every held message.
+    /// Extends the ack deadline of every held message (once each, however many of its events
+    /// are held).
     async fn keep_alive(&self) {
-        let batch = self.inflight.iter().flat_map(|b| b.msgs.iter());
-        for msg in batch.chain(self.queue.iter().map(|d| &d.msg)) {
-            if let Err(e) = msg.ack_with(AckKind::Progress).await {
+        let batch = self.inflight.iter().flat_map(|b| b.carriers.iter());
+        let mut seen = std::collections::HashSet::new();
+        for c in batch.chain(self.queue.iter().map(|d| &d.carrier)) {
+            if !seen.insert(Arc::as_ptr(c) as usize) || !c.is_open() {
+                continue;
+            }
+            if let Err(e) = c.msg.ack_with(AckKind::Progress).await {
                 tracing::debug!(app = %self.app_id, error = %e, "progress ack failed");
             }
         }
@@ -462,7 +519,7 @@ impl Worker {
     /// Settles the in-flight batch's messages.
     async fn finish_inflight(&mut self, kind: AckKind) {
         if let Some(b) = self.inflight.take() {
-            self.settle(b.msgs, kind).await;
+            self.settle(b.carriers, kind).await;
         }
     }
 
@@ -473,22 +530,16 @@ impl Worker {
         while let Ok(d) = self.rx.try_recv() {
             self.queue.push_back(d);
         }
-        let queued: Vec<_> = self.queue.drain(..).map(|d| d.msg).collect();
+        let queued: Vec<_> = self.queue.drain(..).map(|d| d.carrier).collect();
         self.settle(queued, AckKind::Nak(None)).await;
     }
 
-    /// Acks or naks messages and stops counting them as held.
-    async fn settle(&self, msgs: Vec<jetstream::Message>, kind: AckKind) {
-        let n = msgs.len();
-        for msg in msgs {
-            let res = match kind {
-                AckKind::Ack => msg.ack().await,
-                k => msg.ack_with(k).await,
-            };
-            if let Err(e) = res {
-                // the server redelivers after ack_wait; receivers dedupe by event id
-                tracing::warn!(app = %self.app_id, error = %e, "cannot settle JetStream message");
-            }
+    /// Acks or naks events (their messages once all their events are settled) and stops
+    /// counting them as held.
+    async fn settle(&self, carriers: Vec<Arc<Carrier>>, kind: AckKind) {
+        let n = carriers.len();
+        for c in carriers {
+            c.settle_one(kind).await;
         }
         self.held.fetch_sub(n, Ordering::AcqRel);
     }

@@ -725,3 +725,73 @@ async fn shutdown_leaves_unaccepted_events_for_redelivery() -> TestResult {
     })
     .await
 }
+
+/// Publishes `events` as one batched stream message, written out by hand in the bus's batch
+/// format (`pushgate_bus::batch`) so the consumer is checked against the format itself, not
+/// against the publisher's timing.
+async fn publish_as_one_batch(h: &Harness, events: &[BusEvent]) -> TestResult {
+    let subject = h.bus.names().events(&events[0].app_id);
+    let mut payload = Vec::new();
+    for (i, e) in events.iter().enumerate() {
+        if i > 0 {
+            payload.push(b'\n');
+        }
+        payload.extend(serde_json::to_vec(e)?);
+    }
+    let mut headers = pushgate_bus::async_nats::HeaderMap::new();
+    headers.insert(
+        pushgate_bus::batch::BATCH_HEADER,
+        events.len().to_string().as_str(),
+    );
+    h.bus
+        .jetstream()
+        .publish_with_headers(subject, headers, payload.into())
+        .await?
+        .await?;
+    Ok(())
+}
+
+/// One stream message carrying five events, posted in batches of two while the receiver
+/// refuses for a while: the message stays unacknowledged until its last event is accepted,
+/// is acknowledged once then, and no event is posted to an accepting receiver twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batched_stream_message_is_acked_after_its_last_event() -> TestResult {
+    with_harness(|h| async move {
+        let (url, rx, _) =
+            receiver(&h, Behaviour::FailFor(Duration::from_millis(1500)), false).await?;
+        let app = h
+            .create_app(Some(webhook(&url, "batch-secret-0123456")))
+            .await?;
+        let events: Vec<BusEvent> = (1..=5)
+            .map(|i| event(&app, &format!("b{i}"), 1, Status::Enqueued))
+            .collect();
+        publish_as_one_batch(&h, &events).await?;
+        let settings = WebhookSettings {
+            max_batch: 2,
+            max_delay_ms: 20,
+            ..h.settings()
+        };
+        h.start(settings).await?;
+        wait_until("a refused attempt", || async {
+            Ok(h.metric("pushgate_webhook_batches_total{result=\"http_error\"}") >= 1.0)
+        })
+        .await?;
+        let (ack_pending, _, _) = h.consumer_state().await?;
+        assert_eq!(ack_pending, 1, "held while its events are not accepted");
+
+        wait_until("every event accepted and the message acked", || async {
+            let (ack_pending, pending, delivered) = h.consumer_state().await?;
+            Ok(rx.accepted_ids()?.len() == 5 && ack_pending == 0 && pending == 0 && delivered == 1)
+        })
+        .await?;
+        let mut got = rx.accepted_ids()?;
+        got.sort();
+        assert_eq!(got, ["b1.1", "b2.1", "b3.1", "b4.1", "b5.1"]);
+        assert_eq!(
+            h.metric("pushgate_webhook_batches_total{result=\"ok\"}"),
+            3.0
+        );
+        Ok(())
+    })
+    .await
+}

@@ -209,42 +209,67 @@ async fn consume_loop(ctx: Arc<Ctx>, shutdown: CancellationToken) {
     .await;
 }
 
+/// Handles one stream message: a single route command, or a batch of them
+/// ([`pushgate_bus::batch`]), handled side by side. The message is acked when every command in
+/// it succeeded; otherwise it is redelivered whole after a delay, and the commands that had
+/// succeeded run again, which routing is safe for (see [`route`]).
 async fn handle_delivery(ctx: &Ctx, msg: jetstream::Message) {
+    let attempt = pushgate_bus::delivery_count(&msg);
+    let items = pushgate_bus::batch::items(msg.headers.as_ref(), &msg.payload);
+    let results =
+        futures::future::join_all(items.iter().map(|item| handle_item(ctx, item, attempt))).await;
+    let mut failed = false;
+    for ok in results {
+        let label = match ok {
+            Some(true) => "ok",
+            Some(false) => {
+                failed = true;
+                "retry"
+            }
+            None => continue,
+        };
+        ctx.metrics
+            .router_handled
+            .get_or_create(&pushgate_runtime::metrics::ResultLabel {
+                result: label.into(),
+            })
+            .inc();
+    }
+    if failed {
+        let delay = Duration::from_millis((250 * attempt.min(40)) as u64);
+        let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
+    } else {
+        let _ = msg.ack().await;
+    }
+}
+
+/// One command of a stream message: `Some(true)` done, `Some(false)` to be retried, `None`
+/// unreadable (dropped loudly: it will never become readable).
+async fn handle_item(
+    ctx: &Ctx,
+    item: &pushgate_bus::batch::Item<'_>,
+    attempt: u64,
+) -> Option<bool> {
     let span = tracing::info_span!(
         pushgate_runtime::telemetry::spans::ROUTER_HANDLE,
         message_id = tracing::field::Empty
     );
-    pushgate_bus::trace::set_parent_from(&span, msg.headers.as_ref());
-    let cmd: RouteCommand = match serde_json::from_slice(&msg.payload) {
+    item.set_parent_of(&span);
+    let cmd: RouteCommand = match serde_json::from_slice(item.payload) {
         Ok(c) => c,
         Err(e) => {
-            // a payload no router can read will never become readable: drop it loudly
-            tracing::error!(error = %e, "unreadable route command; terminating it");
-            let _ = msg.ack_with(AckKind::Term).await;
-            return;
+            tracing::error!(error = %e, "unreadable route command; dropping it");
+            return None;
         }
     };
     span.record("message_id", cmd.message_id.as_str());
-    let attempt = pushgate_bus::delivery_count(&msg);
-    let res = handle(ctx, &cmd, attempt).instrument(span).await;
-    let label = match &res {
-        Ok(()) => {
-            let _ = msg.ack().await;
-            "ok"
-        }
+    match handle(ctx, &cmd, attempt).instrument(span).await {
+        Ok(()) => Some(true),
         Err(e) => {
             tracing::warn!(message_id = %cmd.message_id, attempt, error = %e, "route command failed; will retry");
-            let delay = Duration::from_millis((250 * attempt.min(40)) as u64);
-            let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
-            "retry"
+            Some(false)
         }
-    };
-    ctx.metrics
-        .router_handled
-        .get_or_create(&pushgate_runtime::metrics::ResultLabel {
-            result: label.into(),
-        })
-        .inc();
+    }
 }
 
 async fn handle(ctx: &Ctx, cmd: &RouteCommand, attempt: u64) -> Result<(), RouterError> {

@@ -103,31 +103,39 @@ impl Outbox {
     }
 
     /// Publishes events (as returned by the store) and removes them from the outbox.
-    /// Events are published one after the other, in the order given, so the events of one
-    /// message written by one caller reach the stream in status order.
+    /// Events go into their app subject's next batch ([`pushgate_bus::batch`]), all queued
+    /// before any is awaited and in the order given, so the events of one message written by
+    /// one caller reach the stream in status order.
     pub async fn publish_events(&self, events: &[String]) -> Result<(), OutboxError> {
+        let mut acks = Vec::with_capacity(events.len());
         for raw in events {
             let ev: BusEvent =
                 serde_json::from_str(raw).map_err(|e| OutboxError::Corrupt(e.to_string()))?;
             self.metrics.event_published(&ev);
-            self.bus
-                .publish_bytes(
-                    self.bus.names().events(&ev.app_id),
-                    &ev.event.id,
-                    raw.clone().into_bytes().into(),
-                )
-                .await?;
+            acks.push(self.bus.enqueue_batched(
+                &self.bus.names().events(&ev.app_id),
+                &ev.event.id,
+                raw.clone().into_bytes().into(),
+            ));
+        }
+        for ack in acks {
+            ack.await?;
         }
         self.published(true, events.to_vec());
         Ok(())
     }
 
-    /// Publishes router commands and removes them from the outbox.
+    /// Publishes router commands (batched like events) and removes them from the outbox.
     pub async fn publish_commands(&self, cmds: &[RouteCommand]) -> Result<(), OutboxError> {
         let subject = self.bus.names().route();
+        let mut acks = Vec::with_capacity(cmds.len());
         for c in cmds {
             let msg_id = format!("{}.{}", c.message_id, c.purpose);
-            self.bus.publish_json(subject.clone(), &msg_id, c).await?;
+            let body = serde_json::to_vec(c).map_err(pushgate_bus::BusError::from)?;
+            acks.push(self.bus.enqueue_batched(&subject, &msg_id, body.into()));
+        }
+        for ack in acks {
+            ack.await?;
         }
         self.published(false, cmds.iter().map(|c| c.member()).collect());
         Ok(())
