@@ -155,37 +155,55 @@ return out
 "#;
 
 /// What a live XMPP session needs to decide about one handed-over message, in one round
-/// trip instead of three (score, older ids, status): whether the message still waits for the
-/// device, its status, and which ids wait before it above the session's mark. Read-only.
+/// trip: whether the message still waits for the device, its status, and which ids wait
+/// before it above the session's mark. "Older" includes ties: two requests accepted in the
+/// same millisecond give their first recipients the same score, and a tie must not be passed
+/// over as if it had been seen. The score stays the string Redis formats it as (shortest exact
+/// form): Lua 5.1 would print a number with 14 digits, but order keys have 16
+/// (`Message::order_key`), so turning it into a Lua number and back would move the range bound.
 ///
-/// KEYS: pending queue of the device, message hash.
-/// ARGV: message id; `after` (`''`: do not list older ids, `'-inf'`, or a score: list the
-/// other ids with scores in `(after, score]`); limit of that list.
-/// Returns `{}` when the message is not pending, else `{score, status ('' if the message is
-/// gone), older ids…}` oldest first. "Older" includes ties: two requests accepted in the same
-/// millisecond give their first recipients the same score, and a tie must not be passed over
-/// as if it had been seen.
+/// The common outcome is done in the same step: when the handed-over message is the next one
+/// the session has to write (it waits in the queue above the mark, nothing else waits in
+/// `(mark, score]`, its status is open and it has not expired), the `sent` transition is
+/// applied right away and the caller writes the stanza. That saves the live session's second
+/// script per message, and a message cannot expire or be cancelled between the check and
+/// `sent`. Otherwise nothing is written and the caller decides from what was read.
 ///
-/// The score stays the string Redis formats it as (shortest exact form): Lua 5.1 would print
-/// a number with 14 digits, but order keys have 16 (`Message::order_key`), so turning it into
-/// a Lua number and back would move the range bound.
-pub const PENDING_CHECK: &str = r#"
-local s = redis.call('ZSCORE', KEYS[1], ARGV[1])
+/// KEYS: pending queue, msg, history, outbox:evt, expiry, outbox:cmd.
+/// ARGV: id, after (`'-inf'` or the mark), limit, pending_root, now_ms, now_txt, channel,
+/// device, expires_at_ms, open statuses (`,a,b,`).
+/// Returns `{}` when not pending, else `{score, status, sent, event, older ids…}` where `sent`
+/// is `''` (not decided: the caller decides), `'1'` (`sent` applied; `event` is its event
+/// JSON) or `'0'` (write it, but `sent` was already recorded: no event).
+const PENDING_CHECK_SEND_BODY: &str = r#"
+local id = ARGV[1]
+local s = redis.call('ZSCORE', KEYS[1], id)
 if not s then return {} end
-local out = {s, redis.call('HGET', KEYS[2], 'status') or ''}
-if ARGV[2] ~= '' then
-  local min = ARGV[2]
-  if min ~= '-inf' then min = '(' .. min end
-  -- one more than the limit: the message itself may be among them
-  local older = redis.call('ZRANGE', KEYS[1], min, s, 'BYSCORE', 'LIMIT', 0, tonumber(ARGV[3]) + 1)
-  for _, o in ipairs(older) do
-    if o ~= ARGV[1] then out[#out + 1] = o end
+local status = redis.call('HGET', KEYS[2], 'status') or ''
+local min = ARGV[2]
+if min ~= '-inf' then min = '(' .. min end
+-- one more than the limit: the message itself may be among them
+local older = redis.call('ZRANGE', KEYS[1], min, s, 'BYSCORE', 'LIMIT', 0, tonumber(ARGV[3]) + 1)
+local out = {s, status, '', ''}
+local itself = false
+for _, o in ipairs(older) do
+  if o == id then itself = true else out[#out + 1] = o end
+end
+-- `itself`: the message lies above the mark (a late one does not fall in (mark, s])
+if itself and #out == 4 and status ~= ''
+    and string.find(ARGV[10], ',' .. status .. ',', 1, true)
+    and tonumber(ARGV[9]) > tonumber(ARGV[5]) then
+  local r = apply(KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], ARGV[4], id, 'sent', ARGV[5], ARGV[6], ARGV[7], ARGV[8], '', '')
+  if r[1] == 1 then
+    out[3] = '1'
+    out[4] = r[3]
+  else
+    out[3] = '0'
   end
 end
 return out
 "#;
 
-/// A Lua function for scripts that read records named by a set's members: the values of
 /// `prefix .. id` for every id, in order (false where missing). MGET in slices, because
 /// `unpack()` of a long list would overflow Lua's C stack.
 pub const MGET_PREFIXED: &str = r#"
@@ -235,6 +253,14 @@ return ARGV[1]
 /// The full source of the status transition script.
 pub fn transition() -> String {
     format!("{}{PRELUDE_BODY}{TRANSITION_BODY}", transition_table_lua())
+}
+
+/// The full source of the hand-over check that also records `sent`.
+pub fn pending_check_send() -> String {
+    format!(
+        "{}{PRELUDE_BODY}{PENDING_CHECK_SEND_BODY}",
+        transition_table_lua()
+    )
 }
 
 /// The full source of the expiry script.

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use pushgate_core::time::now_ms;
 use pushgate_core::{Device, Message, Status};
-use pushgate_store::session::Older;
+use pushgate_store::session::Sent;
 use pushgate_store::{Change, Transition};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
@@ -702,11 +702,13 @@ impl<W: AsyncRead + AsyncWrite + Unpin> Live<W> {
     /// no longer waits for the device, after any older pending message the session has not
     /// considered yet.
     ///
-    /// One read-only script tells whether `m` still waits, its status, and the ids queued
-    /// between the session's mark and `m` ([`pushgate_store::Store::pending_check`]). When
-    /// none of those is new to the session, `m` is the only message to write, and its body is
-    /// the one in hand (a message's body never changes after acceptance), so nothing more is
-    /// read: one round trip where the whole-queue scan took three or more. Everything else
+    /// One script tells whether `m` still waits, its status, and the ids queued between the
+    /// session's mark and `m` ([`pushgate_store::Store::pending_check_send`]). When none are
+    /// queued there, `m` is the only message to write, and its body is the one in hand (a
+    /// message's body never changes after acceptance), so the script records `sent` at once
+    /// and the stanza is written: one round trip for the check and the transition, where the
+    /// whole-queue scan took three or more and a separate `sent` one more. When the ids listed
+    /// are all in flight on this session, the message is written and `sent` recorded after. Everything else
     /// falls back to the page-by-page scan, which reads each message's status just before
     /// writing it:
     /// - ids below `m` that the session has not considered (a hand-over that has not arrived
@@ -723,21 +725,30 @@ impl<W: AsyncRead + AsyncWrite + Unpin> Live<W> {
     /// inside it is retracted like one that comes after the write.
     async fn deliver_now(&mut self, m: Message, handed_over: bool) -> Result<(), SessionError> {
         let mark = self.mark();
-        let Some(check) = self
+        // the common case (the message is the next one to write) records `sent` in the same
+        // round trip; anything else is decided below from what the check read
+        let Some(mut check) = self
             .edge
             .store
-            .pending_check(
+            .pending_check_send(
                 &self.device.app_id,
                 &self.device.device_id,
                 &m.id,
-                Older::After(mark),
+                mark,
                 PENDING_PAGE,
+                m.expires_at,
+                now_ms(),
             )
             .await?
         else {
             // delivered, expired or cancelled meanwhile: never show it
             return Ok(());
         };
+        if let Some(sent) = check.sent.take() {
+            self.write_message(m, Some(sent)).await?;
+            self.scanned_to = self.scanned_to.max(check.score);
+            return Ok(());
+        }
         let late = check.score <= self.scanned_to;
         if late && handed_over {
             return self.write_pending(None, Some(check.score)).await;
@@ -749,7 +760,7 @@ impl<W: AsyncRead + AsyncWrite + Unpin> Live<W> {
             return self.write_pending(mark, Some(check.score)).await;
         }
         if check.status.is_some_and(Status::is_open) && m.expires_at > now_ms() {
-            self.write_message(m).await?;
+            self.write_message(m, None).await?;
         }
         // everything queued in (mark, score] when the script ran has now been considered
         self.scanned_to = self.scanned_to.max(check.score);
@@ -813,7 +824,7 @@ impl<W: AsyncRead + AsyncWrite + Unpin> Live<W> {
                     }
                     continue;
                 }
-                self.write_message(m.message).await?;
+                self.write_message(m.message, None).await?;
             }
             // a closed status never opens again, so these would only be read at every drain
             // from now on (a second device's queue grew by every message the first confirmed)
@@ -843,7 +854,9 @@ impl<W: AsyncRead + AsyncWrite + Unpin> Live<W> {
         }
     }
 
-    async fn write_message(&mut self, m: Message) -> Result<(), SessionError> {
+    /// Writes a message stanza and records `sent`, unless `sent` says the store already did
+    /// (then only its event, if any, is published).
+    async fn write_message(&mut self, m: Message, sent: Option<Sent>) -> Result<(), SessionError> {
         // in the message's trace: its acceptance context is stored with it
         let span = tracing::info_span!(
             pushgate_runtime::telemetry::spans::EDGE_WRITE,
@@ -855,7 +868,14 @@ impl<W: AsyncRead + AsyncWrite + Unpin> Live<W> {
             self.send_counted(&stanza, Some(m.id.clone())).await?;
             self.edge.metrics.xmpp_stanzas_out.inc();
             self.inflight.insert(m.id.clone());
-            self.change(&m.id, Status::Sent, None).await
+            match sent {
+                None => self.change(&m.id, Status::Sent, None).await,
+                Some(Sent::Applied(ev)) => {
+                    publish_event(&self.edge, ev).await;
+                    Ok(())
+                }
+                Some(Sent::Already) => Ok(()),
+            }
         };
         tracing::Instrument::instrument(write, span).await
     }
@@ -946,9 +966,7 @@ impl<W: AsyncRead + AsyncWrite + Unpin> Live<W> {
                     self.edge.metrics.accept_to_delivered.observe(secs);
                 }
             }
-            if let Err(e) = self.edge.outbox.publish_events(&[ev]).await {
-                tracing::warn!(error = %e, "event publish deferred to the outbox sweeper");
-            }
+            publish_event(&self.edge, ev).await;
         }
         Ok(())
     }
@@ -1549,5 +1567,12 @@ impl<W: AsyncRead + AsyncWrite + Unpin> Live<W> {
                 }
             }
         }
+    }
+}
+
+/// Publishes an event the store put in the outbox; a failure leaves it to the sweeper.
+async fn publish_event(edge: &Edge, ev: String) {
+    if let Err(e) = edge.outbox.publish_events(&[ev]).await {
+        tracing::warn!(error = %e, "event publish deferred to the outbox sweeper");
     }
 }
