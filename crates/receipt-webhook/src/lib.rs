@@ -56,6 +56,9 @@ const REAP_EVERY: Duration = Duration::from_secs(30);
 /// apps that are active now rather than every app ever seen.
 const IDLE_AFTER: Duration = Duration::from_secs(120);
 
+/// How often a dispatcher holding `max_held_events` looks again whether workers settled some.
+const HELD_FULL_WAIT: Duration = Duration::from_millis(20);
+
 /// Webhook delivery settings (`[webhook]`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -74,6 +77,12 @@ pub struct WebhookSettings {
     pub max_backoff_ms: u64,
     /// How long one batch is retried (s) before it is given up and returned to the stream.
     pub max_retry_secs: u64,
+    /// Most events this instance holds at once (queued per app, or in a batch being retried),
+    /// across all apps: while it holds that many, it takes nothing more from the bus. A
+    /// stream message may carry many events (docs/architecture.md, "Batched stream
+    /// messages"), so the consumer's own limit on unacknowledged messages does not bound
+    /// memory by itself.
+    pub max_held_events: usize,
     /// Extra PEM files of CA certificates to trust for `https://` receivers (private or
     /// development CAs), in addition to the system's roots.
     pub extra_ca_files: Vec<String>,
@@ -90,6 +99,7 @@ impl Default for WebhookSettings {
             initial_backoff_ms: 500,
             max_backoff_ms: 300_000,
             max_retry_secs: 86_400,
+            max_held_events: 20_000,
             extra_ca_files: Vec::new(),
             ops_listen: "127.0.0.1:9105".into(),
         }
@@ -140,6 +150,15 @@ impl WebhookSettings {
             return Err(ConfigError::invalid(
                 "webhook.max_retry_secs",
                 "must be at least 1",
+            ));
+        }
+        if self.max_held_events == 0 || self.max_held_events > 1_000_000 {
+            return Err(ConfigError::invalid(
+                "webhook.max_held_events",
+                format!(
+                    "must be between 1 and 1000000, got {}",
+                    self.max_held_events
+                ),
             ));
         }
         if let Some(empty) = self.extra_ca_files.iter().position(|p| p.trim().is_empty()) {
@@ -200,6 +219,7 @@ pub(crate) struct Tuning {
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
     pub max_retry: Duration,
+    pub max_held: usize,
     /// Interval of progress acks: a third of the consumer's `ack_wait`, so one late tick never
     /// lets a held message expire.
     pub progress_every: Duration,
@@ -215,6 +235,7 @@ impl Tuning {
             initial_backoff: Duration::from_millis(s.initial_backoff_ms),
             max_backoff: Duration::from_millis(s.max_backoff_ms),
             max_retry: Duration::from_secs(s.max_retry_secs),
+            max_held: s.max_held_events,
             progress_every: ConsumerName::Webhook.ack_wait() / 3,
             shutdown_grace: SHUTDOWN_GRACE,
         }
@@ -254,6 +275,7 @@ impl Service {
             metrics,
             store,
             client,
+            held_total: AtomicUsize::new(0),
         });
         Ok(Service { bus, shared })
     }
@@ -272,6 +294,17 @@ impl Service {
             };
             if let Some(stream) = messages.as_mut() {
                 loop {
+                    if self.shared.held_total.load(Ordering::Acquire) >= self.shared.tuning.max_held
+                    {
+                        // full: take nothing more from the bus until workers settle some
+                        tokio::select! {
+                            biased;
+                            _ = shutdown.cancelled() => break 'outer,
+                            _ = reap.tick() => reap_idle(&mut workers),
+                            _ = tokio::time::sleep(HELD_FULL_WAIT) => {}
+                        }
+                        continue;
+                    }
                     tokio::select! {
                         biased;
                         _ = shutdown.cancelled() => break 'outer,
@@ -400,6 +433,7 @@ impl Service {
                 }
             });
             handle.held.fetch_add(1, Ordering::AcqRel);
+            self.shared.held_total.fetch_add(1, Ordering::AcqRel);
             handle.last_used = Instant::now();
             if let Err(mpsc::error::SendError(d)) = handle.tx.send(Delivery {
                 carrier: carrier.clone(),
@@ -409,6 +443,7 @@ impl Service {
             }) {
                 // only during shutdown: let JetStream redeliver it
                 handle.held.fetch_sub(1, Ordering::AcqRel);
+                self.shared.held_total.fetch_sub(1, Ordering::AcqRel);
                 d.carrier.settle_one(AckKind::Nak(None)).await;
             }
         }

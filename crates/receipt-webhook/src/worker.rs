@@ -107,6 +107,8 @@ pub(crate) struct Shared {
     pub metrics: Arc<Metrics>,
     pub store: Store,
     pub client: reqwest::Client,
+    /// Events held by all workers together (bounded by `tuning.max_held`).
+    pub held_total: AtomicUsize,
 }
 
 /// A batch being delivered. The id and body are fixed at creation, so every retry is
@@ -542,6 +544,7 @@ impl Worker {
             c.settle_one(kind).await;
         }
         self.held.fetch_sub(n, Ordering::AcqRel);
+        self.shared.held_total.fetch_sub(n, Ordering::AcqRel);
     }
 
     fn count(&self, result: &str) {

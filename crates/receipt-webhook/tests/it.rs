@@ -795,3 +795,49 @@ async fn a_batched_stream_message_is_acked_after_its_last_event() -> TestResult 
     })
     .await
 }
+
+/// With `max_held_events` reached (a receiver refusing everything), the instance takes no
+/// more events from the bus: the batch being retried holds only what was taken before, and
+/// the rest follow once the receiver accepts again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_events_are_bounded() -> TestResult {
+    with_harness(|h| async move {
+        let (url, rx, _) =
+            receiver(&h, Behaviour::FailFor(Duration::from_millis(1500)), false).await?;
+        let app = h
+            .create_app(Some(webhook(&url, "held-secret-0123456")))
+            .await?;
+        let events: Vec<BusEvent> = (1..=6)
+            .map(|i| event(&app, &format!("h{i}"), 1, Status::Enqueued))
+            .collect();
+        h.publish(&events).await?;
+        let settings = WebhookSettings {
+            max_held_events: 2,
+            max_delay_ms: 300,
+            ..h.settings()
+        };
+        h.start(settings).await?;
+        wait_until("every event accepted", || async {
+            let mut got = rx.accepted_ids()?;
+            got.sort();
+            got.dedup();
+            Ok(got.len() == 6)
+        })
+        .await?;
+        for hit in rx.hits() {
+            let n = hit.event_ids()?.len();
+            assert!(n <= 2, "a batch of {n} events while at most 2 may be held");
+        }
+        assert!(
+            rx.hits().iter().any(|h| h.answered != 200),
+            "the receiver refused at first"
+        );
+        wait_until("every message acknowledged", || async {
+            let (ack_pending, pending, _) = h.consumer_state().await?;
+            Ok(ack_pending == 0 && pending == 0)
+        })
+        .await?;
+        Ok(())
+    })
+    .await
+}
