@@ -36,7 +36,8 @@ use tracing::Instrument;
 pub struct RouterSettings {
     /// Plain-HTTP operations listener.
     pub ops_listen: String,
-    /// Commands handled at once by this instance.
+    /// Commands handled at once by this instance (also the most stream messages taken at
+    /// once; a message may carry a batch of commands).
     pub concurrency: usize,
     /// How long to wait for an edge to take a message before retrying.
     pub edge_timeout_ms: u64,
@@ -122,6 +123,9 @@ struct Ctx {
     instance: String,
     /// Hand-overs to edges, batched per edge.
     handover: handover::Handover,
+    /// `concurrency` permits, one per command being handled: a stream message may carry a
+    /// batch of commands, so counting messages alone would not bound the work in flight.
+    commands: Arc<tokio::sync::Semaphore>,
 }
 
 /// A built router.
@@ -149,6 +153,7 @@ impl Service {
         let instance = format!("router-{}", uuid::Uuid::new_v4().simple());
         let handover =
             handover::Handover::new(bus.clone(), Duration::from_millis(settings.edge_timeout_ms));
+        let concurrency = settings.concurrency;
         Ok(Service {
             ctx: Arc::new(Ctx {
                 settings,
@@ -158,6 +163,7 @@ impl Service {
                 metrics,
                 instance,
                 handover,
+                commands: Arc::new(tokio::sync::Semaphore::new(concurrency)),
             }),
             ops,
         })
@@ -263,6 +269,10 @@ async fn handle_item(
         }
     };
     span.record("message_id", cmd.message_id.as_str());
+    // the semaphore is never closed
+    let Ok(_permit) = ctx.commands.acquire().await else {
+        return Some(false);
+    };
     match handle(ctx, &cmd, attempt).instrument(span).await {
         Ok(()) => Some(true),
         Err(e) => {
