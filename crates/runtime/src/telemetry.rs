@@ -174,7 +174,13 @@ pub fn init_with(s: &TelemetrySettings, opts: InitOptions) -> Result<Guard, Tele
     let directive = std::env::var("RUST_LOG").unwrap_or_else(|_| s.log.clone());
     let filter = EnvFilter::try_new(&directive)
         .map_err(|e| TelemetryError::Filter(directive.clone(), e.to_string()))?;
-    let otel = tracing_opentelemetry::layer().with_tracer(tracer);
+    // Spans are recorded only for export: without an endpoint the OpenTelemetry layer would
+    // still build every span's data (the SDK samples everything by default) only to drop it
+    // at the end, a cost on every message. Without it, trace context is not passed on either.
+    let otel = s
+        .otlp_endpoint
+        .is_some()
+        .then(|| tracing_opentelemetry::layer().with_tracer(tracer));
     let registry = tracing_subscriber::registry().with(filter).with(otel);
     let res = if !opts.logs {
         registry.try_init()
