@@ -27,16 +27,16 @@
 //! the webhook dedupes within a batch and receivers dedupe across batches (docs/webhooks.md).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, context::PublishAckFuture};
 use async_nats::HeaderMap;
 use bytes::{Bytes, BytesMut};
 use sha2::{Digest, Sha256};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+use crate::keyed::{KeyedQueues, Queue};
 use crate::BusError;
 
 /// Header of a batched stream message: how many items its payload holds.
@@ -140,16 +140,14 @@ struct Queued {
 /// The per-subject queues of one process's bus connection.
 pub(crate) struct Batcher {
     js: jetstream::Context,
-    /// Senders are looked up and used under this lock, and an idle task removes its entry
-    /// under it after checking its queue is empty, so no item is sent to a task that has ended.
-    subjects: Arc<Mutex<HashMap<String, mpsc::UnboundedSender<Queued>>>>,
+    subjects: KeyedQueues<Queued>,
 }
 
 impl Batcher {
     pub(crate) fn new(js: jetstream::Context) -> Self {
         Batcher {
             js,
-            subjects: Arc::new(Mutex::new(HashMap::new())),
+            subjects: KeyedQueues::new(),
         }
     }
 
@@ -168,81 +166,42 @@ impl Batcher {
             traceparent: crate::trace::current_map().remove("traceparent"),
             done,
         };
-        let mut subjects = lock(&self.subjects);
-        let item = match subjects.get(subject) {
-            Some(tx) => match tx.send(item) {
-                Ok(()) => return rx,
-                // the task ended without removing itself (it panicked): start a new one
-                Err(mpsc::error::SendError(item)) => item,
-            },
-            None => item,
-        };
-        let (tx, queue) = mpsc::unbounded_channel();
-        // cannot fail: `queue` is alive
-        let _ = tx.send(item);
-        subjects.insert(subject.to_string(), tx);
-        tokio::spawn(subject_task(
-            self.js.clone(),
-            subject.to_string(),
-            queue,
-            self.subjects.clone(),
-        ));
+        let js = self.js.clone();
+        self.subjects
+            .push(subject, item, move |queue| subject_task(js, queue));
         rx
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    }
-}
-
 /// Publishes the subject's queued items, one batch at a time, until idle for [`IDLE`].
-async fn subject_task(
-    js: jetstream::Context,
-    subject: String,
-    mut rx: mpsc::UnboundedReceiver<Queued>,
-    subjects: Arc<Mutex<HashMap<String, mpsc::UnboundedSender<Queued>>>>,
-) {
+async fn subject_task(js: jetstream::Context, mut queue: Queue<Queued>) {
     let mut batch: Vec<Queued> = Vec::with_capacity(MAX_ITEMS);
     // an item that did not fit the previous batch opens the next one
     let mut carry: Option<Queued> = None;
     loop {
         let first = match carry.take() {
             Some(item) => item,
-            None => match tokio::time::timeout(IDLE, rx.recv()).await {
-                Ok(Some(item)) => item,
-                Ok(None) => return,
-                Err(_) => {
-                    let mut map = lock(&subjects);
-                    match rx.try_recv() {
-                        Ok(item) => item,
-                        Err(_) => {
-                            // nothing can be sent to `rx` once the entry is gone (see `subjects`)
-                            map.remove(&subject);
-                            return;
-                        }
-                    }
-                }
+            None => match queue.next(IDLE).await {
+                Some(item) => item,
+                None => return,
             },
         };
         let mut bytes = first.body.len();
         batch.push(first);
         while batch.len() < MAX_ITEMS {
-            match rx.try_recv() {
-                Ok(item) if bytes + 1 + item.body.len() > MAX_BYTES => {
+            match queue.try_next() {
+                Some(item) if bytes + 1 + item.body.len() > MAX_BYTES => {
                     carry = Some(item);
                     break;
                 }
-                Ok(item) => {
+                Some(item) => {
                     bytes += 1 + item.body.len();
                     batch.push(item);
                 }
-                Err(_) => break,
+                None => break,
             }
         }
-        let result = match publish(&js, &subject, &batch).await {
+        let result = match publish(&js, queue.key(), &batch).await {
             Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
             Err(e) => Err(e),
         };

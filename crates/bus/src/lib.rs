@@ -24,6 +24,7 @@
 
 pub mod batch;
 pub mod consume;
+pub mod keyed;
 pub mod names;
 pub mod payloads;
 pub mod trace;

@@ -160,6 +160,17 @@ impl Harness {
         ))
     }
 
+    /// Waits until the webhook consumer has nothing pending or unacknowledged; returns how
+    /// many deliveries it made in all.
+    async fn wait_all_acked(&self) -> Result<u64, Error> {
+        wait_until("every message acknowledged", || async {
+            let (ack_pending, pending, _) = self.consumer_state().await?;
+            Ok(ack_pending == 0 && pending == 0)
+        })
+        .await?;
+        Ok(self.consumer_state().await?.2)
+    }
+
     /// A value from the Prometheus exposition, by its full series name.
     fn metric(&self, series: &str) -> f64 {
         self.metrics
@@ -504,11 +515,12 @@ async fn batches_are_signed_ordered_and_acked() -> TestResult {
             "the bus envelope must not leak"
         );
 
-        wait_until("every message acknowledged", || async {
-            let (ack_pending, pending, delivered) = h.consumer_state().await?;
-            Ok(ack_pending == 0 && pending == 0 && delivered == events.len() as u64)
-        })
-        .await?;
+        let delivered = h.wait_all_acked().await?;
+        assert_eq!(
+            delivered,
+            events.len() as u64,
+            "each message delivered once"
+        );
         assert_eq!(h.metric("pushgate_webhook_events_total"), 5.0);
         assert_eq!(
             h.metric("pushgate_webhook_batches_total{result=\"ok\"}"),
@@ -560,11 +572,7 @@ async fn refused_batches_are_retried_unchanged() -> TestResult {
             assert_eq!(x.body, first.body, "retries must resend the same body");
             verify_signature(&x.signature, &x.body, &["retry-secret-0123456"])?;
         }
-        wait_until("every message acknowledged", || async {
-            let (ack_pending, pending, _) = h.consumer_state().await?;
-            Ok(ack_pending == 0 && pending == 0)
-        })
-        .await?;
+        h.wait_all_acked().await?;
         assert_eq!(
             h.metric("pushgate_webhook_batches_total{result=\"http_error\"}"),
             2.0
@@ -627,11 +635,7 @@ async fn dead_endpoint_does_not_delay_other_apps() -> TestResult {
             Ok(revived_rx.accepted_ids()?.len() == 3)
         })
         .await?;
-        wait_until("every message acknowledged", || async {
-            let (ack_pending, pending, _) = h.consumer_state().await?;
-            Ok(ack_pending == 0 && pending == 0)
-        })
-        .await?;
+        h.wait_all_acked().await?;
         Ok(())
     })
     .await
@@ -668,11 +672,7 @@ async fn long_retries_keep_messages_alive() -> TestResult {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        wait_until("every message acknowledged", || async {
-            let (ack_pending, pending, _) = h.consumer_state().await?;
-            Ok(ack_pending == 0 && pending == 0)
-        })
-        .await?;
+        h.wait_all_acked().await?;
         let (_, _, delivered) = h.consumer_state().await?;
         assert_eq!(
             delivered,
@@ -779,11 +779,11 @@ async fn a_batched_stream_message_is_acked_after_its_last_event() -> TestResult 
         let (ack_pending, _, _) = h.consumer_state().await?;
         assert_eq!(ack_pending, 1, "held while its events are not accepted");
 
-        wait_until("every event accepted and the message acked", || async {
-            let (ack_pending, pending, delivered) = h.consumer_state().await?;
-            Ok(rx.accepted_ids()?.len() == 5 && ack_pending == 0 && pending == 0 && delivered == 1)
+        wait_until("every event accepted", || async {
+            Ok(rx.accepted_ids()?.len() == 5)
         })
         .await?;
+        assert_eq!(h.wait_all_acked().await?, 1, "the message delivered once");
         let mut got = rx.accepted_ids()?;
         got.sort();
         assert_eq!(got, ["b1.1", "b2.1", "b3.1", "b4.1", "b5.1"]);
@@ -832,11 +832,7 @@ async fn held_events_are_bounded() -> TestResult {
             rx.hits().iter().any(|h| h.answered != 200),
             "the receiver refused at first"
         );
-        wait_until("every message acknowledged", || async {
-            let (ack_pending, pending, _) = h.consumer_state().await?;
-            Ok(ack_pending == 0 && pending == 0)
-        })
-        .await?;
+        h.wait_all_acked().await?;
         Ok(())
     })
     .await

@@ -12,14 +12,13 @@
 //! queue, and each caller learns its own item's outcome; a failed batch fails every item in it
 //! exactly as a failed single request would.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use pushgate_bus::keyed::{KeyedQueues, Queue};
 use pushgate_bus::payloads::{EdgeDeliver, EdgeDeliverItem, EdgeDeliverReply};
 use pushgate_bus::{Bus, BusError};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 /// Most hand-overs in one batch request (bounds the request's size and the edge's time
 /// answering it).
@@ -50,10 +49,7 @@ struct Item {
 pub struct Handover {
     bus: Bus,
     timeout: Duration,
-    /// Senders are looked up and used under this lock, and an idle task removes its entry
-    /// under it after checking its queue is empty, so no item is ever sent to a task that
-    /// has ended.
-    edges: Arc<Mutex<HashMap<String, mpsc::UnboundedSender<Item>>>>,
+    edges: KeyedQueues<Item>,
 }
 
 impl Handover {
@@ -62,7 +58,7 @@ impl Handover {
         Handover {
             bus,
             timeout,
-            edges: Arc::new(Mutex::new(HashMap::new())),
+            edges: KeyedQueues::new(),
         }
     }
 
@@ -87,71 +83,27 @@ impl Handover {
     }
 
     fn enqueue(&self, edge: &str, item: Item) {
-        let mut edges = lock(&self.edges);
-        let item = match edges.get(edge) {
-            Some(tx) => match tx.send(item) {
-                Ok(()) => return,
-                // the task ended without removing itself (it panicked): start a new one
-                Err(mpsc::error::SendError(item)) => item,
-            },
-            None => item,
-        };
-        let (tx, rx) = mpsc::unbounded_channel();
-        // cannot fail: `rx` is alive
-        let _ = tx.send(item);
-        edges.insert(edge.to_string(), tx);
-        tokio::spawn(edge_task(
-            self.bus.clone(),
-            self.timeout,
-            edge.to_string(),
-            rx,
-            self.edges.clone(),
-        ));
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
+        let (bus, timeout) = (self.bus.clone(), self.timeout);
+        self.edges
+            .push(edge, item, move |queue| edge_task(bus, timeout, queue));
     }
 }
 
 /// Sends the edge's queued hand-overs, one batch at a time, until it has been idle for
 /// [`IDLE`]. The queue is unbounded; what bounds it is the router's command concurrency.
-async fn edge_task(
-    bus: Bus,
-    timeout: Duration,
-    edge: String,
-    mut rx: mpsc::UnboundedReceiver<Item>,
-    edges: Arc<Mutex<HashMap<String, mpsc::UnboundedSender<Item>>>>,
-) {
+async fn edge_task(bus: Bus, timeout: Duration, mut queue: Queue<Item>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    loop {
-        match tokio::time::timeout(IDLE, rx.recv()).await {
-            Ok(Some(first)) => batch.push(first),
-            Ok(None) => return,
-            Err(_) => {
-                let mut map = lock(&edges);
-                match rx.try_recv() {
-                    Ok(first) => batch.push(first),
-                    Err(_) => {
-                        // nothing can be sent to `rx` once the entry is gone (see `edges`)
-                        map.remove(&edge);
-                        return;
-                    }
-                }
-            }
-        }
+    while let Some(first) = queue.next(IDLE).await {
+        batch.push(first);
         while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(item) => batch.push(item),
-                Err(_) => break,
+            match queue.try_next() {
+                Some(item) => batch.push(item),
+                None => break,
             }
         }
         let (items, dones): (Vec<EdgeDeliverItem>, Vec<oneshot::Sender<Outcome>>) =
             batch.drain(..).map(|i| (i.item, i.done)).unzip();
-        let outcomes = send_batch(&bus, &edge, &items, timeout).await;
+        let outcomes = send_batch(&bus, queue.key(), &items, timeout).await;
         for (done, outcome) in dones.into_iter().zip(outcomes) {
             // the caller may have gone (its command was cancelled): nothing to tell
             let _ = done.send(outcome);
