@@ -147,3 +147,62 @@ async fn many_concurrent_hand_overs_to_one_edge_arrive_once_and_in_order() -> an
     env.stop().await;
     Ok(())
 }
+
+/// An edge that predates batching answers only on the single hand-over subject: the router's
+/// batch request finds no responder there and hands the message over one by one instead.
+#[tokio::test]
+async fn an_edge_without_the_batch_subject_gets_single_hand_overs() -> anyhow::Result<()> {
+    let env = TestEnv::start().await?;
+    let (app, key) = env.create_app(None).await?;
+    env.register_device(&key, "old", "od", json!({"platform": "xmpp"}))
+        .await?;
+    // an "old" edge: a live lease and a presence record naming it, and a responder on the
+    // single subject only
+    let edge = "oldedge1";
+    env.store
+        .renew_edge_lease(edge, Duration::from_secs(60))
+        .await?;
+    env.store
+        .set_presence(
+            &app,
+            "od",
+            &format!("{edge}/s1"),
+            pushgate_core::time::now_ms(),
+        )
+        .await?;
+    let mut single = env
+        .bus
+        .client()
+        .subscribe(env.bus.names().edge_deliver(edge))
+        .await?;
+    let client = env.bus.client().clone();
+    let (got_tx, mut got) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(msg) = single.next().await {
+            if let Ok(d) =
+                serde_json::from_slice::<pushgate_bus::payloads::EdgeDeliver>(&msg.payload)
+            {
+                let _ = got_tx.send(d.message.id.clone());
+            }
+            if let Some(reply) = msg.reply {
+                let answer =
+                    serde_json::to_vec(&pushgate_bus::payloads::EdgeDeliverReply::Accepted)
+                        .unwrap_or_default();
+                let _ = client.publish(reply, answer.into()).await;
+            }
+        }
+    });
+    env.bus.client().flush().await?;
+
+    let id = env.send_text(&key, "old", "to an old edge").await?;
+    let handed = tokio::time::timeout(Duration::from_secs(30), got.recv())
+        .await
+        .map_err(|_| anyhow::anyhow!("no single hand-over reached the old edge"))?;
+    assert_eq!(handed.as_deref(), Some(id.as_str()));
+    // the (fake) session took it: it waits for the device's receipt, nothing else happened
+    let (status, body) = env.message(&key, &id).await?;
+    assert_eq!(status, 200);
+    assert_eq!(body["status"], "enqueued", "{body}");
+    env.stop().await;
+    Ok(())
+}
