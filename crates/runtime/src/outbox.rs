@@ -118,11 +118,7 @@ impl Outbox {
                 raw.clone().into_bytes().into(),
             ));
         }
-        for ack in acks {
-            ack.await?;
-        }
-        self.published(true, events.to_vec());
-        Ok(())
+        self.settle(true, events.iter().cloned(), acks).await
     }
 
     /// Publishes router commands (batched like events) and removes them from the outbox.
@@ -134,11 +130,33 @@ impl Outbox {
             let body = serde_json::to_vec(c).map_err(pushgate_bus::BusError::from)?;
             acks.push(self.bus.enqueue_batched(&subject, &msg_id, body.into()));
         }
-        for ack in acks {
-            ack.await?;
+        self.settle(false, cmds.iter().map(RouteCommand::member), acks)
+            .await
+    }
+
+    /// Waits for every queued publish; the published entries go to the removal task, the
+    /// others stay in the outbox for the sweeper, and the first failure is returned. (Stopping
+    /// at the first failure would leave entries that did reach the stream in the outbox too,
+    /// and the sweeper's republish of them, in another grouping, would store them twice.)
+    async fn settle(
+        &self,
+        evt: bool,
+        members: impl Iterator<Item = String>,
+        acks: Vec<impl std::future::Future<Output = Result<(), pushgate_bus::BusError>>>,
+    ) -> Result<(), OutboxError> {
+        let results = futures::future::join_all(acks).await;
+        let mut done = Vec::with_capacity(results.len());
+        let mut first_error = None;
+        for (member, res) in members.zip(results) {
+            match res {
+                Ok(()) => done.push(member),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
         }
-        self.published(false, cmds.iter().map(|c| c.member()).collect());
-        Ok(())
+        self.published(evt, done);
+        first_error.map_or(Ok(()), |e| Err(e.into()))
     }
 
     /// Republishes orphaned entries of both outboxes; returns how many.
