@@ -68,7 +68,7 @@ pub struct Bus {
     js: jetstream::Context,
     names: Names,
     replicas: usize,
-    /// Per-subject group commit for [`Bus::publish_batched`].
+    /// Per-subject group commit for [`Bus::enqueue_batched`].
     batcher: std::sync::Arc<batch::Batcher>,
 }
 
@@ -226,30 +226,18 @@ impl Bus {
         Ok(())
     }
 
-    /// Publishes a pre-encoded item to a JetStream subject in that subject's next batch
-    /// ([`batch`]: items queued while the subject's previous publish was in flight go as one
-    /// stream message) and waits for the stream's ack of it. For facts whose consumers read
-    /// them with [`batch::items`]: events and router commands.
-    pub async fn publish_batched(
-        &self,
-        subject: &str,
-        msg_id: &str,
-        body: Bytes,
-    ) -> Result<(), BusError> {
-        self.enqueue_batched(subject, msg_id, body).await
-    }
-
-    /// Queues an item like [`Bus::publish_batched`] at once, and returns a future for its
-    /// ack, so a caller with several items puts them all in the queue (in order) before
-    /// waiting.
+    /// Queues a pre-encoded item for a JetStream subject's next batch ([`batch`]: items
+    /// queued while the subject's previous publish was in flight go as one stream message)
+    /// and returns a future for the stream's ack of it. Queueing happens at once, so a caller
+    /// with several items queues them all (in order) before waiting. For facts whose
+    /// consumers read them with [`batch::items`]: events and router commands.
     pub fn enqueue_batched(
         &self,
-        subject: &str,
+        subject: String,
         msg_id: &str,
         body: Bytes,
     ) -> impl std::future::Future<Output = Result<(), BusError>> + Send + 'static {
-        let rx = self.batcher.enqueue(subject, msg_id, body);
-        let subject = subject.to_string();
+        let rx = self.batcher.enqueue(&subject, msg_id, body);
         async move {
             match rx.await {
                 Ok(Ok(())) => Ok(()),

@@ -66,7 +66,7 @@ async fn queued_items_are_published_together_in_order() -> TestResult {
     let acks: Vec<_> = (0..300)
         .map(|i| {
             bus.enqueue_batched(
-                &subject,
+                subject.clone(),
                 &format!("m{i}.1"),
                 format!("{{\"n\":{i}}}").into_bytes().into(),
             )
@@ -75,7 +75,7 @@ async fn queued_items_are_published_together_in_order() -> TestResult {
     for ack in acks {
         ack.await?;
     }
-    bus.publish_batched(&subject, "last.1", b"{\"n\":300}".to_vec().into())
+    bus.enqueue_batched(subject.clone(), "last.1", b"{\"n\":300}".to_vec().into())
         .await?;
 
     let messages = stream_items(&bus, subject).await?;

@@ -15,7 +15,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use pushgate_bus::{Bus, ConsumerName};
-use pushgate_core::event::{BusEvent, EventKind};
+use pushgate_core::event::EventKind;
 use pushgate_core::Status;
 use pushgate_store::Store;
 use tokio_util::sync::CancellationToken;
@@ -293,14 +293,16 @@ impl Metrics {
     /// Accounts for an event on its way to the bus (the outbox calls it for every publish):
     /// counts the transition and, for `sent`, observes acceptance → sent. Every status change
     /// of every service passes through the outbox, so this sees all of them.
-    pub fn event_published(&self, ev: &BusEvent) {
-        self.transition(ev.event.event.as_str(), ev.event.channel.as_deref());
-        if ev.event.event == EventKind::Status(Status::Sent) {
-            if let Some(secs) = ev
-                .event
-                .message_id
-                .as_deref()
-                .and_then(|id| since_acceptance(id, pushgate_core::time::now_ms()))
+    pub fn event_published(
+        &self,
+        kind: EventKind,
+        channel: Option<&str>,
+        message_id: Option<&str>,
+    ) {
+        self.transition(kind.as_str(), channel);
+        if kind == EventKind::Status(Status::Sent) {
+            if let Some(secs) =
+                message_id.and_then(|id| since_acceptance(id, pushgate_core::time::now_ms()))
             {
                 self.accept_to_sent.observe(secs);
             }
@@ -565,7 +567,7 @@ mod tests {
     fn sent_events_feed_the_transition_counter_and_the_latency_histogram() {
         let m = Metrics::new();
         let id = pushgate_core::MessageId::generate();
-        let ev = |status: Status| BusEvent {
+        let ev = |status: Status| pushgate_core::BusEvent {
             app_id: "app_x".into(),
             seq: 2,
             event: Event {
@@ -582,8 +584,10 @@ mod tests {
                 data: None,
             },
         };
-        m.event_published(&ev(Status::Sent));
-        m.event_published(&ev(Status::Delivered));
+        for st in [Status::Sent, Status::Delivered] {
+            let e = ev(st).event;
+            m.event_published(e.event, e.channel.as_deref(), e.message_id.as_deref());
+        }
         let body =
             serde_json::json!({"events": [ev(Status::Sent).event, ev(Status::Delivered).event]});
         m.webhook_batch_accepted(body.to_string().as_bytes());

@@ -13,10 +13,11 @@
 //! per event and per command on the hot path. An entry whose removal is still queued when the
 //! process dies is one the sweeper republishes, as above.
 
+use std::borrow::Cow;
 use std::sync::{Arc, OnceLock};
 
 use pushgate_bus::Bus;
-use pushgate_core::BusEvent;
+use pushgate_core::EventKind;
 use pushgate_store::{Store, StoreError};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -59,6 +60,27 @@ pub enum OutboxError {
     Bus(#[from] pushgate_bus::BusError),
     #[error("outbox entry is not valid: {0}")]
     Corrupt(String),
+}
+
+/// What publishing an event needs of it (subject, id, metric labels), read without copying
+/// its texts and data: every status change of every service passes through here.
+#[derive(Deserialize)]
+struct EventHead<'a> {
+    #[serde(borrow)]
+    app_id: Cow<'a, str>,
+    #[serde(borrow)]
+    event: EventHeadInner<'a>,
+}
+
+#[derive(Deserialize)]
+struct EventHeadInner<'a> {
+    #[serde(borrow)]
+    id: Cow<'a, str>,
+    event: EventKind,
+    #[serde(borrow, default)]
+    message_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    channel: Option<Cow<'a, str>>,
 }
 
 /// Most entries one batched removal takes out of the outboxes.
@@ -109,12 +131,14 @@ impl Outbox {
     pub async fn publish_events(&self, events: &[String]) -> Result<(), OutboxError> {
         let mut acks = Vec::with_capacity(events.len());
         for raw in events {
-            let ev: BusEvent =
+            let ev: EventHead =
                 serde_json::from_str(raw).map_err(|e| OutboxError::Corrupt(e.to_string()))?;
-            self.metrics.event_published(&ev);
+            let e = &ev.event;
+            self.metrics
+                .event_published(e.event, e.channel.as_deref(), e.message_id.as_deref());
             acks.push(self.bus.enqueue_batched(
-                &self.bus.names().events(&ev.app_id),
-                &ev.event.id,
+                self.bus.names().events(&ev.app_id),
+                &e.id,
                 raw.clone().into_bytes().into(),
             ));
         }
@@ -128,7 +152,10 @@ impl Outbox {
         for c in cmds {
             let msg_id = format!("{}.{}", c.message_id, c.purpose);
             let body = serde_json::to_vec(c).map_err(pushgate_bus::BusError::from)?;
-            acks.push(self.bus.enqueue_batched(&subject, &msg_id, body.into()));
+            acks.push(
+                self.bus
+                    .enqueue_batched(subject.clone(), &msg_id, body.into()),
+            );
         }
         self.settle(false, cmds.iter().map(RouteCommand::member), acks)
             .await

@@ -124,39 +124,37 @@ fn parse_check(
     pending: &str,
     raw: Vec<String>,
 ) -> Result<Option<PendingCheck>, StoreError> {
-    {
-        let mut it = raw.into_iter();
-        let (Some(score), Some(status)) = (it.next(), it.next()) else {
-            return Ok(None);
-        };
-        let sent = match (it.next().as_deref(), it.next()) {
-            (Some("1"), Some(ev)) => Some(Sent::Applied(ev)),
-            (Some("0"), _) => Some(Sent::Already),
-            _ => None,
-        };
-        let corrupt = |key: String, what: String| StoreError::Corrupt {
-            key,
-            source: serde::de::Error::custom(what),
-        };
-        let score = score
-            .parse::<f64>()
-            .map_err(|e| corrupt(pending.to_string(), format!("score {score:?}: {e}")))?;
-        let status = if status.is_empty() {
-            None
-        } else {
-            Some(
-                status
-                    .parse::<Status>()
-                    .map_err(|e| corrupt(msg_key.to_string(), e.to_string()))?,
-            )
-        };
-        Ok(Some(PendingCheck {
-            score,
-            status,
-            older: it.collect(),
-            sent,
-        }))
-    }
+    let mut it = raw.into_iter();
+    let (Some(score), Some(status)) = (it.next(), it.next()) else {
+        return Ok(None);
+    };
+    let sent = match (it.next().as_deref(), it.next()) {
+        (Some("1"), Some(ev)) => Some(Sent::Applied(ev)),
+        (Some("0"), _) => Some(Sent::Already),
+        _ => None,
+    };
+    let corrupt = |key: String, what: String| StoreError::Corrupt {
+        key,
+        source: serde::de::Error::custom(what),
+    };
+    let score = score
+        .parse::<f64>()
+        .map_err(|e| corrupt(pending.to_string(), format!("score {score:?}: {e}")))?;
+    let status = if status.is_empty() {
+        None
+    } else {
+        Some(
+            status
+                .parse::<Status>()
+                .map_err(|e| corrupt(msg_key.to_string(), e.to_string()))?,
+        )
+    };
+    Ok(Some(PendingCheck {
+        score,
+        status,
+        older: it.collect(),
+        sent,
+    }))
 }
 
 #[cfg(test)]
