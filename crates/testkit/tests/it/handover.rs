@@ -19,7 +19,26 @@ struct Router<'a> {
     device: String,
 }
 
-impl Router<'_> {
+impl<'a> Router<'a> {
+    /// Registers an XMPP device `d` of `user` and plays the router for it; also returns the
+    /// device's JID and password.
+    async fn for_new_device(
+        env: &'a TestEnv,
+        app: &str,
+        key: &str,
+        user: &str,
+    ) -> anyhow::Result<(Self, String, String)> {
+        let (jid, pw) = env
+            .register_device(key, user, "d", json!({"platform": "xmpp"}))
+            .await?;
+        let router = Router {
+            env,
+            app: app.to_string(),
+            device: "d".into(),
+        };
+        Ok((router, jid, pw))
+    }
+
     /// Accepts one request with `n` recipients (all the same user): one acceptance time,
     /// consecutive positions, so the acceptance order is the order of the returned messages.
     async fn accept(&self, key: &str, user: &str, n: usize) -> anyhow::Result<Vec<Message>> {
@@ -117,14 +136,7 @@ async fn lost_late_and_repeated_hand_overs_lose_nothing_double_nothing_and_keep_
 ) -> anyhow::Result<()> {
     let env = TestEnv::start_with(|s| s.without_router = true).await?;
     let (app, key) = env.create_app(None).await?;
-    let (jid, pw) = env
-        .register_device(&key, "ho", "d", json!({"platform": "xmpp"}))
-        .await?;
-    let router = Router {
-        env: &env,
-        app,
-        device: "d".into(),
-    };
+    let (router, jid, pw) = Router::for_new_device(&env, &app, &key, "ho").await?;
     let mut dev = TestDevice::connect(env.xmpp_addr(), &jid, &pw).await?;
     // initial presence: the (empty) backlog is drained now, not after the grace period
     dev.send_raw("<presence/>").await?;
@@ -194,14 +206,7 @@ async fn messages_held_while_inactive_go_out_in_acceptance_order() -> anyhow::Re
     })
     .await?;
     let (app, key) = env.create_app(None).await?;
-    let (jid, pw) = env
-        .register_device(&key, "hold", "d", json!({"platform": "xmpp"}))
-        .await?;
-    let router = Router {
-        env: &env,
-        app,
-        device: "d".into(),
-    };
+    let (router, jid, pw) = Router::for_new_device(&env, &app, &key, "hold").await?;
     let mut dev = TestDevice::connect(env.xmpp_addr(), &jid, &pw).await?;
     dev.send_raw("<presence/>").await?;
     dev.send_raw("<inactive xmlns='urn:xmpp:csi:0'/>").await?;
@@ -261,14 +266,7 @@ async fn a_backlog_with_ties_across_a_page_boundary_is_drained_whole() -> anyhow
     const N: usize = 210;
     let env = TestEnv::start_with(|s| s.without_router = true).await?;
     let (app, key) = env.create_app(None).await?;
-    let (jid, pw) = env
-        .register_device(&key, "tie", "d", json!({"platform": "xmpp"}))
-        .await?;
-    let router = Router {
-        env: &env,
-        app: app.clone(),
-        device: "d".into(),
-    };
+    let (router, jid, pw) = Router::for_new_device(&env, &app, &key, "tie").await?;
     // queued while the device is offline: no hand-overs, only the drain brings them
     let m = router.accept(&key, "tie", N).await?;
     for msg in &m {
