@@ -247,6 +247,13 @@ pub struct Args {
     #[arg(long, value_name = "URL")]
     pub redis: Option<String>,
 
+    /// Measure the machine instead of Pushgate: publish N messages into a fresh file-backed
+    /// JetStream stream while a pull consumer fetches and acks them, and report messages per
+    /// second (issue 8's yardstick, "one persisted JetStream hop"). Uses --nats and
+    /// --watch-pid; every other option is ignored.
+    #[arg(long, value_name = "N")]
+    pub jetstream_hop: Option<u64>,
+
     /// Listen address of the local webhook receiver (plain HTTP).
     #[arg(long, default_value = "127.0.0.1:0", value_name = "ADDR")]
     pub webhook_listen: String,

@@ -24,6 +24,7 @@
 
 mod api;
 mod cli;
+mod hop;
 mod load;
 mod prosody;
 mod report;
@@ -87,6 +88,15 @@ async fn main() -> ExitCode {
 }
 
 async fn main_inner(args: Args) -> anyhow::Result<Outcome> {
+    if let Some(n) = args.jetstream_hop {
+        let url = args.nats.clone().unwrap_or_else(pushgate_testkit::nats_url);
+        let r = hop::run(&url, n, &args.watch_pid).await?;
+        if let Some(path) = &args.out {
+            std::fs::write(path, serde_json::to_vec_pretty(&r)?)
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+        return Ok(Outcome::Passed);
+    }
     args.validate()?;
     let layout = match args.target {
         TargetKind::Prosody => system::Layout::Prosody,

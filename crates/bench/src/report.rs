@@ -477,27 +477,7 @@ impl RunResult {
                 let _ = writeln!(s, "  {name}  {}", line(p));
             }
         }
-        let c = &self.cpu;
-        let mut cpu = format!(
-            "  CPU                over {:.1} s: bench process {} core-s",
-            c.secs,
-            c.bench_core_secs
-                .map_or_else(|| "-".into(), |v| format!("{v:.1}"))
-        );
-        for w in &c.watched {
-            let _ = write!(
-                cpu,
-                ", {} ({}) {} core-s",
-                w.name,
-                w.pid,
-                w.core_secs
-                    .map_or_else(|| "-".into(), |v| format!("{v:.1}"))
-            );
-        }
-        if let Some(b) = c.machine_busy_share {
-            let _ = write!(cpu, "; machine busy {:.0}%", b * 100.0);
-        }
-        let _ = writeln!(s, "{cpu}");
+        let _ = writeln!(s, "  CPU                {}", self.cpu.describe());
         if let Some(w) = &self.webhook_events {
             let _ = writeln!(s, "  webhook events     {w:?}");
         }

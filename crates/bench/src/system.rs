@@ -220,6 +220,26 @@ pub struct CpuUse {
     pub machine_busy_share: Option<f64>,
 }
 
+impl CpuUse {
+    /// `over S s: bench process X core-s, name (pid) Y core-s, …; machine busy Z%`.
+    pub fn describe(&self) -> String {
+        use std::fmt::Write;
+        let secs = |v: Option<f64>| v.map_or_else(|| "-".into(), |v| format!("{v:.1}"));
+        let mut s = format!(
+            "over {:.1} s: bench process {} core-s",
+            self.secs,
+            secs(self.bench_core_secs)
+        );
+        for w in &self.watched {
+            let _ = write!(s, ", {} ({}) {} core-s", w.name, w.pid, secs(w.core_secs));
+        }
+        if let Some(b) = self.machine_busy_share {
+            let _ = write!(s, "; machine busy {:.0}%", b * 100.0);
+        }
+        s
+    }
+}
+
 impl CpuWatch {
     /// Starts measuring this process, `pids` and the machine.
     pub fn start(pids: &[u32]) -> Self {
