@@ -33,12 +33,19 @@ fn transition_table_lua() -> String {
 /// device, detail, purpose)` returns `{code, current_status, event_json}` where code is
 /// 0 refused, 1 applied, 2 noted (a second device confirmed an already delivered message;
 /// a device repeating its own confirmation is refused, so each device is noted at most once
-/// per status).
+/// per status). `apply_read(f, …)` is the same with the message's fields already read by
+/// `read_state(mkey)` in the same script call (the hand-over check reads them for its own
+/// decision first).
 const PRELUDE_BODY: &str = r#"
-local function apply(mkey, hkey, evtkey, expkey, cmdkey, pending_root, id, to, at_ms, at_txt, channel, device, detail, purpose)
-  -- every field the change may need, in one call: a status change is the hottest script
-  -- (two per delivered message), and each redis.call costs about as much as the work it does
-  local f = redis.call('HMGET', mkey, 'status', 'app', 'foreign', 'user', 'targets')
+-- every field a change may need, in one call: a status change is the hottest script (two per
+-- delivered message), and each redis.call costs about as much as the work it does (argument
+-- conversion, command lookup, checks), so the scripts keep their calls few
+local function read_state(mkey)
+  return redis.call('HMGET', mkey, 'status', 'app', 'foreign', 'user', 'targets', 'seq')
+end
+
+-- `f`: what `read_state(mkey)` answered, read in this same script call
+local function apply_read(f, mkey, hkey, evtkey, expkey, cmdkey, pending_root, id, to, at_ms, at_txt, channel, device, detail, purpose)
   local cur = f[1]
   if not cur then return {0, '', ''} end
   local app = f[2]
@@ -73,11 +80,12 @@ local function apply(mkey, hkey, evtkey, expkey, cmdkey, pending_root, id, to, a
     end
     return {0, cur, ''}
   end
-  local seq = redis.call('HINCRBY', mkey, 'seq', 1)
+  -- what HINCRBY would do (a missing field counts from 0), written with the status
+  local seq = (tonumber(f[6]) or 0) + 1
   if channel ~= '' then
-    redis.call('HSET', mkey, 'status', to, 'channel', channel)
+    redis.call('HSET', mkey, 'status', to, 'seq', seq, 'channel', channel)
   else
-    redis.call('HSET', mkey, 'status', to)
+    redis.call('HSET', mkey, 'status', to, 'seq', seq)
   end
   local h = {status = to, at = tonumber(at_ms)}
   if channel ~= '' then h.channel = channel end
@@ -110,6 +118,10 @@ local function apply(mkey, hkey, evtkey, expkey, cmdkey, pending_root, id, to, a
   redis.call('ZADD', evtkey, at_ms, evj)
   if purpose ~= '' then redis.call('ZADD', cmdkey, at_ms, id .. '|' .. purpose) end
   return {1, to, evj}
+end
+
+local function apply(mkey, hkey, evtkey, expkey, cmdkey, pending_root, id, to, at_ms, at_txt, channel, device, detail, purpose)
+  return apply_read(read_state(mkey), mkey, hkey, evtkey, expkey, cmdkey, pending_root, id, to, at_ms, at_txt, channel, device, detail, purpose)
 end
 "#;
 
@@ -179,7 +191,9 @@ const PENDING_CHECK_SEND_BODY: &str = r#"
 local id = ARGV[1]
 local s = redis.call('ZSCORE', KEYS[1], id)
 if not s then return {} end
-local status = redis.call('HGET', KEYS[2], 'status') or ''
+-- the message's state is read once, for this decision and for `sent` below
+local f = read_state(KEYS[2])
+local status = f[1] or ''
 local min = ARGV[2]
 if min ~= '-inf' then min = '(' .. min end
 -- one more than the limit: the message itself may be among them
@@ -193,7 +207,7 @@ end
 if itself and #out == 4 and status ~= ''
     and string.find(ARGV[10], ',' .. status .. ',', 1, true)
     and tonumber(ARGV[9]) > tonumber(ARGV[5]) then
-  local r = apply(KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], ARGV[4], id, 'sent', ARGV[5], ARGV[6], ARGV[7], ARGV[8], '', '')
+  local r = apply_read(f, KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], ARGV[4], id, 'sent', ARGV[5], ARGV[6], ARGV[7], ARGV[8], '', '')
   if r[1] == 1 then
     out[3] = '1'
     out[4] = r[3]
@@ -342,14 +356,26 @@ mod tests {
             }
         };
 
-        assert!(matches!(
-            change("phone", Status::Sent).await?,
-            Transition::Applied(_)
-        ));
-        assert!(matches!(
-            change("phone", Status::Delivered).await?,
-            Transition::Applied(_)
-        ));
+        // each applied change numbers its event one past the last (`enqueued` was 1), and a
+        // refused or noted one takes no number
+        let seq_of = |t: Transition| -> Result<(u64, String), Box<dyn std::error::Error>> {
+            let Transition::Applied(ev) = t else {
+                return Err(format!("not applied: {t:?}").into());
+            };
+            let v: serde_json::Value = serde_json::from_str(&ev)?;
+            Ok((
+                v["seq"].as_u64().ok_or("no seq")?,
+                v["event"]["id"].as_str().ok_or("no event id")?.to_string(),
+            ))
+        };
+        assert_eq!(
+            seq_of(change("phone", Status::Sent).await?)?,
+            (2, format!("{}.2", m.id))
+        );
+        assert_eq!(
+            seq_of(change("phone", Status::Delivered).await?)?,
+            (3, format!("{}.3", m.id))
+        );
         // the phone's receipt after its stream-management ack: nothing new
         assert_eq!(
             change("phone", Status::Delivered).await?,
@@ -369,10 +395,10 @@ mod tests {
             change("laptop", Status::Delivered).await?,
             Transition::Refused(Some(Status::Delivered))
         );
-        assert!(matches!(
-            change("phone", Status::Read).await?,
-            Transition::Applied(_)
-        ));
+        assert_eq!(
+            seq_of(change("phone", Status::Read).await?)?,
+            (4, format!("{}.4", m.id))
+        );
         // after the read: the phone's late ack, the tablet's read (news: once), the watch's
         // first confirmation being a read
         assert_eq!(
