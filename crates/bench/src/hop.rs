@@ -2,12 +2,13 @@
 //!
 //! The pipeline's figures depend on the machine far more than on run-to-run noise: the same
 //! build and command measured 4,936–5,086 msg/s on one session's 2-core machine and
-//! 2,720–2,803 msg/s on another's (docs/benchmarks.md). Issue 8 states its targets against a
+//! 2,031–2,803 msg/s on another's (docs/benchmarks.md). Issue 8 states its targets against a
 //! yardstick, "one persisted JetStream hop (publish, pull, ack) saturates both cores here at
-//! about 79,000 msg/s", so a run records that yardstick next to its figures, measured the same
-//! way on the same machine: a publisher keeps `WINDOW` acknowledged publishes in flight into a
-//! fresh file-backed stream while a pull consumer fetches and acks every message, both in this
-//! process, with nats-server on the same box. Nothing of Pushgate runs; the figure is the
+//! about 79,000 msg/s", so a run can record a yardstick of that kind next to its figures, taken
+//! on the same machine: a publisher keeps `WINDOW` acknowledged publishes in flight into a fresh
+//! file-backed stream while a pull consumer fetches and acks every message, both in this
+//! process, with nats-server on the same box. (How the issue's figure was taken is not written
+//! down, so comparing with it is approximate; comparing runs of this mode is not.) Nothing of Pushgate runs; the figure is the
 //! machine's (and nats-server's), not the product's.
 
 use std::time::Instant;
@@ -29,6 +30,8 @@ const FETCH: usize = 256;
 /// What one hop run measured.
 #[derive(Debug, serde::Serialize)]
 pub struct HopResult {
+    /// The stream it used (deleted at the end).
+    pub stream: String,
     pub messages: u64,
     pub message_bytes: usize,
     pub secs: f64,
@@ -138,10 +141,39 @@ async fn measure(
     tokio::try_join!(publisher, puller)?;
     let secs = started.elapsed().as_secs_f64();
     Ok(HopResult {
+        stream: name.to_string(),
         messages: n,
         message_bytes: MESSAGE_BYTES,
         secs,
         per_sec: n as f64 / secs,
         cpu: cpu.finish(secs),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Against the local NATS: every message is published, pulled and acked (the puller only
+    /// stops when it has them all), and the stream is gone afterwards, so repeated yardstick
+    /// runs leave nothing on a shared server.
+    #[tokio::test]
+    async fn carries_every_message_and_removes_its_stream() -> anyhow::Result<()> {
+        let url = pushgate_testkit::nats_url();
+        let r = run(&url, 2_000, &[]).await?;
+        assert_eq!(r.messages, 2_000);
+        assert!(r.stream.starts_with("yardstick"));
+        let js = jetstream::new(async_nats::connect(&url).await?);
+        assert!(
+            js.get_stream(&r.stream).await.is_err(),
+            "stream {} left behind",
+            r.stream
+        );
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn refuses_zero_messages() {
+        assert!(run(&pushgate_testkit::nats_url(), 0, &[]).await.is_err());
+    }
 }
