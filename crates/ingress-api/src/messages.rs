@@ -307,10 +307,12 @@ pub async fn send(
     auth: AppAuth,
     State(ctx): State<Arc<Ctx>>,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    body: axum::body::Body,
 ) -> Result<Response, ApiError> {
     // body limit and content type are enforced by ApiJson for other routes; here the raw
-    // bytes are also needed for the idempotency hash
+    // bytes are also needed for the idempotency hash. The body is read up to the limit and
+    // no further (the router disables axum's own limit), so an oversized upload is refused
+    // without being held in memory whole.
     let ct = headers
         .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -324,11 +326,10 @@ pub async fn send(
     {
         return Err(ApiError::UnsupportedMediaType);
     }
-    if body.len() > ctx.settings.max_body_bytes {
-        return Err(ApiError::TooLarge {
-            limit: ctx.settings.max_body_bytes,
-        });
-    }
+    let limit = ctx.settings.max_body_bytes;
+    let body = axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| ApiError::TooLarge { limit })?;
     let req: SendRequest = parse_json(&body)?;
     let idem = match headers.get("idempotency-key") {
         None => None,

@@ -14,6 +14,55 @@ async fn problem(r: reqwest::Response) -> (u16, String, Value) {
     (status, ct, r.json().await.unwrap_or(Value::Null))
 }
 
+/// A body larger than `max_body_bytes` is refused after about the limit has been read, not
+/// after all of it: the body here would be 512 MiB (produced lazily, as a backend streaming a
+/// huge upload would), and the answer must come while the client has produced only a small
+/// part of it. Reading it whole first would hold it all in memory, for any key holder.
+#[tokio::test]
+async fn an_oversized_message_body_is_refused_before_it_is_read_whole() -> anyhow::Result<()> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    const CHUNK: usize = 64 * 1024;
+    const TOTAL: usize = 512 * 1024 * 1024;
+    let env = TestEnv::start().await?;
+    let (_app, key) = env.create_app(None).await?;
+    let produced = Arc::new(AtomicUsize::new(0));
+    let counter = produced.clone();
+    let chunks = futures::stream::unfold(0usize, move |sent| {
+        let counter = counter.clone();
+        async move {
+            if sent >= TOTAL {
+                return None;
+            }
+            counter.fetch_add(CHUNK, Ordering::Relaxed);
+            Some((
+                Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b' '; CHUNK])),
+                sent + CHUNK,
+            ))
+        }
+    });
+    let r = env
+        .http
+        .post(format!("{}/v1/messages", env.api))
+        .bearer_auth(&key)
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await?;
+    let (s, _, p) = problem(r).await;
+    assert_eq!(s, 413, "{p}");
+    assert_eq!(p["type"], "urn:pushgate:problem:payload-too-large");
+    // the limit (1 MiB) plus what transport buffers and flow-control windows hold in between
+    let read = produced.load(Ordering::Relaxed);
+    assert!(
+        read < 64 * 1024 * 1024,
+        "the client had produced {read} bytes when the 413 came"
+    );
+    env.stop().await;
+    Ok(())
+}
+
 #[tokio::test]
 async fn bad_input_gets_specific_problems() -> anyhow::Result<()> {
     let env = TestEnv::start().await?;
