@@ -338,7 +338,7 @@ async fn post(
     let status = resp.status().as_u16();
     let resp_headers = resp.headers().clone();
     // an unreadable error body leaves the status to decide
-    let bytes = resp.bytes().await.unwrap_or_default();
+    let bytes = super::read_answer(resp).await;
     map_answer(status, &resp_headers, &bytes, sent_id)
 }
 

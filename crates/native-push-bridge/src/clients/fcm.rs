@@ -128,7 +128,7 @@ pub(crate) async fn oauth_token(
         .map_err(|e| token_transport_error(&format!("{provider} OAuth token request"), &e))?;
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();
-    let body = resp.bytes().await.unwrap_or_default();
+    let body = super::read_answer(resp).await;
     if (200..300).contains(&status) {
         return match serde_json::from_slice::<TokenAnswer>(&body) {
             Ok(t) if !t.access_token.is_empty() => Ok((
@@ -329,7 +329,7 @@ async fn post(
         .map_err(|e| transport_error("FCM request", &e))?;
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();
-    let bytes = resp.bytes().await.unwrap_or_default();
+    let bytes = super::read_answer(resp).await;
     map_answer(status, &headers, &bytes)
 }
 

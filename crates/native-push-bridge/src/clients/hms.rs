@@ -222,7 +222,7 @@ async fn post(
         .map_err(|e| transport_error("HMS request", &e))?;
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();
-    let bytes = resp.bytes().await.unwrap_or_default();
+    let bytes = super::read_answer(resp).await;
     map_answer(status, &headers, &bytes, token)
 }
 

@@ -163,7 +163,7 @@ impl WebPushProvider {
             .map_err(|e| transport_error("Web Push request", &e))?;
         let status = resp.status().as_u16();
         let resp_headers = resp.headers().clone();
-        let text = resp.text().await.unwrap_or_default();
+        let text = String::from_utf8_lossy(&super::read_answer(resp).await).into_owned();
         map_answer(status, &resp_headers, &text)
     }
 }
