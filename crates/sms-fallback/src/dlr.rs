@@ -18,7 +18,9 @@
 //! change nothing. Progress reports that change nothing are answered 200 without touching the
 //! history. A report that changes nothing because the SMS already reached its final status (a
 //! provider repeating itself) is answered 200 so the provider stops retrying; a report for a
-//! message whose SMS was never handed to the provider is answered 409.
+//! message whose SMS was never handed to the provider is answered 409. A report that overtakes
+//! the send's own `sms_sent` (the send record exists, the transition is not applied yet) is
+//! kept: `sms_sent` is recorded first, then the report.
 
 use std::sync::Arc;
 
@@ -40,7 +42,7 @@ use crate::provider::{parse_config, ProviderConfig, SmsConfig};
 use crate::record::SendRecord;
 use crate::signature;
 use crate::twilio::{self, CallbackOutcome};
-use crate::worker::transition;
+use crate::worker::{self, transition};
 use crate::Ctx;
 
 /// The webhook provider's route, as registered and as labelled in
@@ -408,7 +410,29 @@ async fn settle(
             ))
         }
     }
-    match transition(ctx, message_id, to, &detail).await? {
+    let mut outcome = transition(ctx, message_id, to, &detail).await?;
+    if let Transition::Refused(Some(Status::Enqueued | Status::Expired)) = outcome {
+        // The report overtook the send's own `sms_sent`: the provider reported before its
+        // answer to the send reached the worker (a fast SMSC), or the worker stopped between
+        // its send record and the transition. The report proves the SMS was handed over, so
+        // `sms_sent` is recorded first and the report after it; answering 409 instead would
+        // lose the report, as providers do not send it again. The worker's own `sms_sent`
+        // is then refused as a repeat.
+        let reference = match &record {
+            Some(SendRecord::Sent { reference }) => reference.as_str(),
+            _ => "",
+        };
+        let shape = crate::encoding::shape(worker::sms_text(m));
+        transition(
+            ctx,
+            message_id,
+            Status::SmsSent,
+            &worker::sent_detail(&shape, reference),
+        )
+        .await?;
+        outcome = transition(ctx, message_id, to, &detail).await?;
+    }
+    match outcome {
         Transition::Applied(_) | Transition::Noted => Ok(answer(message_id, to)),
         Transition::Refused(Some(cur))
             if matches!(cur, Status::SmsDelivered | Status::SmsFailed) =>

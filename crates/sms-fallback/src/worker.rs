@@ -131,7 +131,16 @@ pub(crate) fn is_e164(p: &str) -> bool {
 }
 
 /// `"1 segment, GSM-7, ref SM123"`.
-fn sent_detail(shape: &SmsShape, reference: &str) -> String {
+/// The text the SMS carries: the fallback's own text, else the message's.
+pub(crate) fn sms_text(m: &StoredMessage) -> &str {
+    m.message
+        .sms_fallback
+        .as_ref()
+        .and_then(|f| f.text.as_deref())
+        .unwrap_or(&m.message.text)
+}
+
+pub(crate) fn sent_detail(shape: &SmsShape, reference: &str) -> String {
     if reference.is_empty() {
         shape.describe()
     } else {
@@ -211,12 +220,7 @@ pub(crate) async fn handle(ctx: &Ctx, req: &SmsRequest, attempt: u64) -> Result<
         return Ok(Settle::Ack);
     }
     let id = m.message.id.as_str();
-    let text = m
-        .message
-        .sms_fallback
-        .as_ref()
-        .and_then(|f| f.text.as_deref())
-        .unwrap_or(&m.message.text);
+    let text = sms_text(&m);
     let shape = encoding::shape(text);
 
     // what earlier attempts left behind

@@ -746,6 +746,46 @@ async fn signed_delivery_report_marks_the_sms_delivered() {
     .await;
 }
 
+/// A report that arrives before the send's own `sms_sent` was recorded (a fast SMSC reports
+/// before the provider's answer to the send reaches the worker; or the worker stopped between
+/// its send record and the transition) is kept: `sms_sent` is recorded first, then the
+/// report. Providers do not send a report again, so answering 409 here would lose it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_that_overtakes_the_send_is_kept() {
+    with_env(|env| async move {
+        let app = env.stand_in_app().await;
+        let report = json!({"status": "delivered"});
+        // the worker is talking to the provider; then: the send recorded, not yet applied
+        for record in [
+            format!("sending:sms-1:{}", now_ms()),
+            "sent:ref-7".to_string(),
+        ] {
+            let id = env
+                .message(&app, None, "+41791234567", 3_600_000, None)
+                .await;
+            env.set_record(&id, &record).await;
+            let (code, _, body) = env
+                .dlr(&id, &report, Some(sign(&report, now_ms() / 1000, SECRET)))
+                .await;
+            assert_eq!(code, 200, "{body}");
+            assert_eq!(body["status"], "sms_delivered");
+            let s = env.wait_status(&id, Status::SmsDelivered).await;
+            let moves: Vec<Status> = s.history.iter().map(|h| h.status).collect();
+            assert_eq!(
+                moves,
+                [Status::Enqueued, Status::SmsSent, Status::SmsDelivered]
+            );
+            let sent = s.history.get(1).and_then(|h| h.detail.clone());
+            if record.starts_with("sent:") {
+                assert_eq!(sent.as_deref(), Some("1 segment, GSM-7, ref ref-7"));
+            } else {
+                assert_eq!(sent.as_deref(), Some("1 segment, GSM-7"));
+            }
+        }
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_delivery_report_marks_the_sms_failed() {
     with_env(|env| async move {
