@@ -22,6 +22,7 @@ macro_rules! global_allocator {
         static GLOBAL: $crate::Jemalloc = $crate::Jemalloc;
     };
 }
+pub mod answers;
 pub mod https;
 pub mod metrics;
 pub mod ops;

@@ -452,20 +452,10 @@ pub(crate) fn transport_failure(e: &reqwest::Error) -> SendOutcome {
     }
 }
 
-/// Reads at most [`MAX_RESPONSE_BYTES`] of the body; a body that fails midway counts as
-/// what arrived (the status code already decided the outcome).
+/// Reads at most [`MAX_RESPONSE_BYTES`] of the body
+/// ([`pushgate_runtime::answers::read_bounded`]).
 pub(crate) async fn read_limited(resp: &mut reqwest::Response) -> Vec<u8> {
-    let mut out = Vec::new();
-    while out.len() < MAX_RESPONSE_BYTES {
-        match resp.chunk().await {
-            Ok(Some(chunk)) => {
-                let room = MAX_RESPONSE_BYTES - out.len();
-                out.extend_from_slice(&chunk[..chunk.len().min(room)]);
-            }
-            Ok(None) | Err(_) => break,
-        }
-    }
-    out
+    pushgate_runtime::answers::read_bounded(resp, MAX_RESPONSE_BYTES).await
 }
 
 #[cfg(test)]
