@@ -90,6 +90,42 @@ pub fn check_phone(field: &str, p: &str) -> Result<(), ApiError> {
     }
 }
 
+/// Longest Web Push endpoint accepted (as for webhook URLs); browsers' are about 200-500.
+const MAX_ENDPOINT_CHARS: usize = 2048;
+
+/// A Web Push subscription as a browser's `PushSubscription.toJSON()` gives it. Checked here
+/// rather than at the first push, where a bad one would only show as a dead token: the
+/// endpoint must be an https URL with a host (push services are HTTPS only, RFC 8030 §8, and
+/// the bridge sends nowhere else), `p256dh` the base64url of a 65-byte uncompressed P-256
+/// public key and `auth` the base64url of a 16-byte secret (RFC 8291 §3).
+fn check_webpush(w: &WebPushSubscription) -> Result<(), ApiError> {
+    let endpoint_ok = w.endpoint.len() <= MAX_ENDPOINT_CHARS
+        && url::Url::parse(&w.endpoint).is_ok_and(|u| u.scheme() == "https" && u.has_host());
+    if !endpoint_ok {
+        return Err(ApiError::invalid(
+            "webpush.endpoint",
+            "must be an https URL with a host, at most 2048 characters",
+        ));
+    }
+    let decoded = |v: &str| {
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(v.trim_end_matches('='))
+    };
+    if !decoded(&w.p256dh).is_ok_and(|k| k.len() == 65 && k.first() == Some(&0x04)) {
+        return Err(ApiError::invalid(
+            "webpush.p256dh",
+            "must be the base64url of a 65-byte uncompressed P-256 public key",
+        ));
+    }
+    if !decoded(&w.auth).is_ok_and(|a| a.len() == 16) {
+        return Err(ApiError::invalid(
+            "webpush.auth",
+            "must be the base64url of a 16-byte secret",
+        ));
+    }
+    Ok(())
+}
+
 fn check_registration(b: &RegisterDevice) -> Result<(), ApiError> {
     if let Some(t) = &b.push_token {
         if t.is_empty() || t.len() > 4096 {
@@ -97,15 +133,7 @@ fn check_registration(b: &RegisterDevice) -> Result<(), ApiError> {
         }
     }
     if let Some(w) = &b.webpush {
-        if !w.endpoint.starts_with("https://") && !w.endpoint.starts_with("http://") {
-            return Err(ApiError::invalid(
-                "webpush.endpoint",
-                "must be an http(s) URL",
-            ));
-        }
-        if w.p256dh.is_empty() || w.auth.is_empty() {
-            return Err(ApiError::invalid("webpush", "p256dh and auth are required"));
-        }
+        check_webpush(w)?;
     }
     match b.platform {
         Platform::Web if b.webpush.is_none() && b.push_token.is_some() => {
@@ -358,4 +386,89 @@ pub(crate) async fn erase_user(ctx: &Ctx, app: &str, user_id: &str) -> Result<()
         kick(ctx, app, &d.device_id, "user deleted").await;
     }
     crate::messages::erase_undelivered(ctx, app, user_id).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sub(endpoint: &str, p256dh: &str, auth: &str) -> WebPushSubscription {
+        WebPushSubscription {
+            endpoint: endpoint.into(),
+            p256dh: p256dh.into(),
+            auth: auth.into(),
+        }
+    }
+
+    fn field(r: Result<(), ApiError>) -> Option<String> {
+        match r {
+            Err(ApiError::Invalid { field, .. }) => Some(field),
+            Err(e) => Some(format!("other error: {e}")),
+            Ok(()) => None,
+        }
+    }
+
+    /// A real browser subscription passes (RFC 8291's example keys); each part that a push
+    /// could not use is refused under its own field.
+    #[test]
+    fn webpush_subscriptions_are_checked_part_by_part() {
+        // RFC 8291 Appendix A: the user agent's public key and authentication secret
+        let key = "BCVxsr7N_eNgVRqvHtD0zTZsEc6-VV-JvLexhqUzORcxaOzi6-AYWXvTBHm4bjyPjs7Vd8pZGH6SRpkNtoIAiw4";
+        let auth = "BTBZMqHH6r4Tts7J_aSIgg";
+        let endpoint = "https://push.example.net/push/JzLQ3raZJfFBR0aqvOMsLrt54w4rJUsV";
+        assert_eq!(field(check_webpush(&sub(endpoint, key, auth))), None);
+        // padded base64url, as some libraries write it
+        assert_eq!(
+            field(check_webpush(&sub(
+                endpoint,
+                &format!("{key}="),
+                &format!("{auth}==")
+            ))),
+            None
+        );
+        for bad in [
+            "http://push.example.net/p",
+            "https://",
+            "push.example.net/p",
+            "",
+            &format!("https://push.example.net/{}", "a".repeat(2048)),
+        ] {
+            assert_eq!(
+                field(check_webpush(&sub(bad, key, auth))).as_deref(),
+                Some("webpush.endpoint"),
+                "{bad}"
+            );
+        }
+        for bad in ["", "x", &key[..40], &format!("{key}AA"), "BCVx+sr7/N"] {
+            assert_eq!(
+                field(check_webpush(&sub(endpoint, bad, auth))).as_deref(),
+                Some("webpush.p256dh"),
+                "{bad}"
+            );
+        }
+        // a compressed point (0x02 prefix) is not what browsers send, and the bridge needs
+        // the uncompressed one
+        let compressed = {
+            use base64::Engine;
+            let mut k = vec![0x02u8];
+            k.extend_from_slice(&[7u8; 64]);
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(k)
+        };
+        assert_eq!(
+            field(check_webpush(&sub(endpoint, &compressed, auth))).as_deref(),
+            Some("webpush.p256dh")
+        );
+        for bad in [
+            "",
+            "BTBZMqHH6r4Tts7J_aSI",
+            "BTBZMqHH6r4Tts7J_aSIggAA",
+            "!!!",
+        ] {
+            assert_eq!(
+                field(check_webpush(&sub(endpoint, key, bad))).as_deref(),
+                Some("webpush.auth"),
+                "{bad}"
+            );
+        }
+    }
 }
