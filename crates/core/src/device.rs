@@ -24,6 +24,22 @@ impl Platform {
             Platform::Xmpp => None,
         }
     }
+
+    /// Whether `token` can be this platform's native push token, as far as its shape tells.
+    /// Only APNs has one: a device token is hex (the bytes Apple gave the app), at most 200
+    /// characters (Apple does not fix the length), and it goes into the request path, so the
+    /// bridge sends nothing else. FCM and HMS tokens have no published shape beyond their
+    /// length, which callers bound themselves.
+    pub fn accepts_push_token(self, token: &str) -> bool {
+        match self {
+            Platform::Ios => {
+                !token.is_empty()
+                    && token.len() <= 200
+                    && token.bytes().all(|b| b.is_ascii_hexdigit())
+            }
+            _ => true,
+        }
+    }
 }
 
 /// Whether the device's native push token can be used.

@@ -148,6 +148,17 @@ fn check_registration(b: &RegisterDevice) -> Result<(), ApiError> {
                 "only web devices have a webpush subscription",
             ));
         }
+        // refused here rather than accepted and counted as a dead token at the first push
+        p if b
+            .push_token
+            .as_deref()
+            .is_some_and(|t| !p.accepts_push_token(t)) =>
+        {
+            return Err(ApiError::invalid(
+                "push_token",
+                "an APNs device token is hex (the bytes the app was given, hex-encoded), at most 200 characters",
+            ));
+        }
         _ => {}
     }
     if let Some(p) = &b.phone {
@@ -406,6 +417,38 @@ mod tests {
             Err(e) => Some(format!("other error: {e}")),
             Ok(()) => None,
         }
+    }
+
+    /// An iOS device's token is what the bridge can put into an APNs request path: hex.
+    #[test]
+    fn apns_tokens_are_hex() {
+        let reg = |platform: Platform, token: &str| RegisterDevice {
+            platform,
+            push_token: Some(token.into()),
+            webpush: None,
+            phone: None,
+            locale: None,
+        };
+        let hex = "a1".repeat(32);
+        assert_eq!(field(check_registration(&reg(Platform::Ios, &hex))), None);
+        assert_eq!(
+            field(check_registration(&reg(Platform::Ios, &hex.to_uppercase()))),
+            None
+        );
+        for bad in ["not-hex", "a1/../b2", &"a".repeat(201)] {
+            assert_eq!(
+                field(check_registration(&reg(Platform::Ios, bad))).as_deref(),
+                Some("push_token"),
+                "{bad}"
+            );
+        }
+        // FCM and HMS tokens are not hex, and are not held to it
+        let fcm = "dGVzdA:APA91bH-test_token";
+        assert_eq!(
+            field(check_registration(&reg(Platform::Android, fcm))),
+            None
+        );
+        assert_eq!(field(check_registration(&reg(Platform::Huawei, fcm))), None);
     }
 
     /// A real browser subscription passes (RFC 8291's example keys); each part that a push

@@ -1005,10 +1005,11 @@ impl<W: AsyncRead + AsyncWrite + Unpin> Live<W> {
             return Ok(Err("not-acceptable"));
         }
         let token = child.attr("node").map(str::to_string);
+        let platform = self.device.platform;
         if enable
             && token
                 .as_ref()
-                .is_none_or(|t| t.is_empty() || t.len() > 4096)
+                .is_none_or(|t| t.is_empty() || t.len() > 4096 || !platform.accepts_push_token(t))
         {
             return Ok(Err("bad-request"));
         }

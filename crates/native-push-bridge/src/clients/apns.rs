@@ -222,7 +222,7 @@ impl Provider for ApnsProvider {
 /// request's path.
 fn device_token(device: &Device) -> Result<&str, ProviderError> {
     let token = device.push_token.as_deref().unwrap_or_default();
-    if token.is_empty() || token.len() > 200 || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if !pushgate_core::Platform::Ios.accepts_push_token(token) {
         return Err(ProviderError::InvalidToken {
             detail: "malformed APNs device token".into(),
         });

@@ -172,7 +172,35 @@ async fn devices_can_register_their_push_token_over_xmpp() -> anyhow::Result<()>
         .await?;
     let r = dev.next_stanza().await?;
     assert_eq!(r.attr("type"), Some("result"));
-    assert_eq!(token_state(&env, key).await?, "none");
+    assert_eq!(token_state(&env, key.clone()).await?, "none");
+
+    // an iPhone's APNs token must be hex, as over HTTP: anything else is a bad request
+    let (jid, pw) = env
+        .register_device(&key, "i", "iphone", json!({"platform": "ios"}))
+        .await?;
+    let mut iphone = TestDevice::connect(env.xmpp_addr(), &jid, &pw).await?;
+    iphone
+        .send_raw("<iq type='set' id='i1'><enable xmlns='urn:xmpp:push:0' jid='apns' node='not-a-token'/></iq>")
+        .await?;
+    let r = iphone.next_stanza().await?;
+    assert_eq!(
+        (r.attr("id"), r.attr("type")),
+        (Some("i1"), Some("error")),
+        "{r:?}"
+    );
+    assert!(format!("{r:?}").contains("bad-request"), "{r:?}");
+    let hex = "a1".repeat(32);
+    iphone
+        .send_raw(&format!(
+            "<iq type='set' id='i2'><enable xmlns='urn:xmpp:push:0' jid='apns' node='{hex}'/></iq>"
+        ))
+        .await?;
+    let r = iphone.next_stanza().await?;
+    assert_eq!(
+        (r.attr("id"), r.attr("type")),
+        (Some("i2"), Some("result")),
+        "{r:?}"
+    );
     env.stop().await;
     Ok(())
 }
