@@ -34,6 +34,10 @@ pub enum ApiError {
     Conflict { kind: &'static str, detail: String },
     #[error("rate limit of {limit} requests per second exceeded")]
     RateLimited { limit: u64, retry_after_secs: u64 },
+    #[error(
+        "this app already has {limit} live event watches open on this instance; close one first"
+    )]
+    TooManyWatches { limit: u32 },
     #[error("{0}")]
     Unavailable(String),
     #[error("internal error")]
@@ -85,6 +89,11 @@ impl ApiError {
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate-limited",
                 "Too many requests",
+            ),
+            ApiError::TooManyWatches { .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "too-many-watches",
+                "Too many event watches",
             ),
             ApiError::Unavailable(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,

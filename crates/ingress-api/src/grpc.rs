@@ -99,6 +99,7 @@ impl From<ApiError> for tonic::Status {
                     .insert("retry-after", MetadataValue::from(retry_after_secs));
                 s
             }
+            e @ ApiError::TooManyWatches { .. } => tonic::Status::resource_exhausted(e.to_string()),
             ApiError::Unavailable(d) => {
                 tracing::warn!(detail = %d, "dependency unavailable");
                 tonic::Status::unavailable(d)

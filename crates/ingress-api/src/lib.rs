@@ -60,6 +60,10 @@ pub struct IngressSettings {
     pub public_xmpp_host: String,
     /// XMPP port devices are told to connect to (STARTTLS).
     pub public_xmpp_port: u16,
+    /// Live event watches (SSE streams and gRPC `WatchEvents`) one app may hold open on one
+    /// ingress instance. Each is a NATS consumer and a task, so without a bound one app's key
+    /// could load NATS for every app.
+    pub max_watches_per_app: u32,
 }
 
 impl Default for IngressSettings {
@@ -76,6 +80,7 @@ impl Default for IngressSettings {
             key_grace_secs: 86_400,
             public_xmpp_host: "localhost".into(),
             public_xmpp_port: 5222,
+            max_watches_per_app: 16,
         }
     }
 }
@@ -99,6 +104,12 @@ impl IngressSettings {
             return Err(ConfigError::invalid(
                 "ingress.max_body_bytes",
                 "must be at least 16384",
+            ));
+        }
+        if self.max_watches_per_app == 0 {
+            return Err(ConfigError::invalid(
+                "ingress.max_watches_per_app",
+                "must be at least 1",
             ));
         }
         Ok(())
@@ -138,6 +149,8 @@ pub struct Ctx {
     pub metrics: Arc<Metrics>,
     /// Cancelled when the ingress shuts down; ends live event streams.
     pub shutdown: CancellationToken,
+    /// Live event watches per app on this instance ([`sse::WatchSlot`]).
+    pub watches: Arc<std::sync::Mutex<std::collections::HashMap<String, u32>>>,
 }
 
 impl Ctx {
@@ -284,6 +297,7 @@ impl Service {
             outbox,
             metrics,
             shutdown: CancellationToken::new(),
+            watches: Default::default(),
         });
         Ok(Service { ctx, api, ops, tls })
     }

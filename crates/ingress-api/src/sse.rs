@@ -67,6 +67,43 @@ impl WatchStart {
 /// An app's events as they arrive; an error item (the bus failed) is always the last item.
 pub type EventStream = BoxStream<'static, Result<Event, ApiError>>;
 
+/// One of an app's live event watches on this instance (at most
+/// `ingress.max_watches_per_app`); the slot is given back when the watch's stream is dropped.
+pub struct WatchSlot {
+    watches: Arc<std::sync::Mutex<std::collections::HashMap<String, u32>>>,
+    app: String,
+}
+
+impl WatchSlot {
+    /// Takes a slot of `app`, or answers `TooManyWatches` when all are in use.
+    pub fn take(ctx: &Ctx, app: &str) -> Result<WatchSlot, ApiError> {
+        let limit = ctx.settings.max_watches_per_app;
+        // a poisoned lock still holds consistent counts: each change is one statement
+        let mut open = ctx.watches.lock().unwrap_or_else(|e| e.into_inner());
+        let n = open.entry(app.to_string()).or_insert(0);
+        if *n >= limit {
+            return Err(ApiError::TooManyWatches { limit });
+        }
+        *n += 1;
+        Ok(WatchSlot {
+            watches: ctx.watches.clone(),
+            app: app.to_string(),
+        })
+    }
+}
+
+impl Drop for WatchSlot {
+    fn drop(&mut self) {
+        let mut open = self.watches.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.app) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.app);
+            }
+        }
+    }
+}
+
 /// Opens a watch of `app`'s events from `start`.
 ///
 /// Resuming after an event id has a cost: JetStream cannot look a message up by its content,
@@ -82,6 +119,8 @@ pub async fn watch_events(
     app: &str,
     start: WatchStart,
 ) -> Result<EventStream, ApiError> {
+    // taken first, so a refused watch creates no consumer; held by the stream below
+    let slot = WatchSlot::take(ctx, app)?;
     let names = ctx.bus.names();
     let stream_name = names.stream(StreamKind::Events);
     let unavailable =
@@ -136,6 +175,8 @@ pub async fn watch_events(
     let app = app.to_string();
     let shutdown = ctx.shutdown.clone();
     let events = stream::unfold(Some((messages, ready)), move |state| {
+        // the slot lives as long as this closure, i.e. the stream
+        let _slot = &slot;
         let app = app.clone();
         let shutdown = shutdown.clone();
         async move {

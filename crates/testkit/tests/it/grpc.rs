@@ -584,3 +584,48 @@ async fn grpc_watch_reads_and_resumes_inside_a_batched_stream_message() -> anyho
     env.stop().await;
     Ok(())
 }
+
+/// An app's live watches are bounded per ingress instance: over the limit a watch is refused
+/// with a 429 problem and no consumer is made, another app's watches are not affected, and a
+/// closed watch gives its slot back.
+#[tokio::test]
+async fn live_watches_are_bounded_per_app() -> anyhow::Result<()> {
+    let env = TestEnv::start_with(|s| s.ingress.max_watches_per_app = 2).await?;
+    let (_app, key) = env.create_app(None).await?;
+    let (_other, other_key) = env.create_app(None).await?;
+    let url = format!("{}/v1/events/stream", env.api);
+    let open = |k: String| {
+        let req = env.http.get(&url).bearer_auth(k);
+        async move { anyhow::Ok(req.send().await?) }
+    };
+    let first = open(key.clone()).await?;
+    let second = open(key.clone()).await?;
+    assert_eq!(
+        (first.status().as_u16(), second.status().as_u16()),
+        (200, 200)
+    );
+    let third = open(key.clone()).await?;
+    assert_eq!(third.status(), 429);
+    let p: Value = third.json().await?;
+    assert_eq!(p["type"], "urn:pushgate:problem:too-many-watches", "{p}");
+    let theirs = open(other_key).await?;
+    assert_eq!(theirs.status(), 200);
+
+    // the server gives the slot back once it sees the stream closed
+    drop(first);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let again = loop {
+        let r = open(key.clone()).await?;
+        if r.status() == 200 {
+            break r;
+        }
+        assert_eq!(r.status(), 429);
+        if std::time::Instant::now() > deadline {
+            bail!("the closed watch's slot never came back");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    drop((second, again, theirs));
+    env.stop().await;
+    Ok(())
+}
