@@ -87,13 +87,18 @@ async fn main() -> ExitCode {
     }
 }
 
+/// Writes a result as pretty JSON (`--out`).
+fn write_json(path: &std::path::Path, value: &impl serde::Serialize) -> anyhow::Result<()> {
+    let json = serde_json::to_string_pretty(value)?;
+    std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))
+}
+
 async fn main_inner(args: Args) -> anyhow::Result<Outcome> {
     if let Some(n) = args.jetstream_hop {
         let url = args.nats.clone().unwrap_or_else(pushgate_testkit::nats_url);
         let r = hop::run(&url, n, &args.watch_pid).await?;
         if let Some(path) = &args.out {
-            std::fs::write(path, serde_json::to_vec_pretty(&r)?)
-                .with_context(|| format!("writing {}", path.display()))?;
+            write_json(path, &r)?;
         }
         return Ok(Outcome::Passed);
     }
@@ -668,8 +673,7 @@ async fn run(
     };
     print!("{}", result.summary());
     if let Some(path) = &args.out {
-        let json = serde_json::to_string_pretty(&result)?;
-        std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
+        write_json(path, &result)?;
         eprintln!("result written to {}", path.display());
     }
     if let Some(path) = &args.svg {

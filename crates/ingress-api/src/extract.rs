@@ -36,12 +36,20 @@ impl<T: DeserializeOwned> FromRequest<Arc<Ctx>> for ApiJson<T> {
         {
             return Err(ApiError::UnsupportedMediaType);
         }
-        let limit = state.settings.max_body_bytes;
-        let bytes = axum::body::to_bytes(req.into_body(), limit)
-            .await
-            .map_err(|_| ApiError::TooLarge { limit })?;
+        let bytes = read_body(req.into_body(), state.settings.max_body_bytes).await?;
         parse_json(&bytes).map(ApiJson)
     }
+}
+
+/// Reads a request body up to `limit` bytes and no further: the router disables axum's own
+/// limit, so a larger body is refused (413) without being received whole.
+pub async fn read_body(
+    body: axum::body::Body,
+    limit: usize,
+) -> Result<axum::body::Bytes, ApiError> {
+    axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| ApiError::TooLarge { limit })
 }
 
 /// Parses JSON, reporting the path of the first offending field.

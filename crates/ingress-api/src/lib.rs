@@ -150,7 +150,7 @@ pub struct Ctx {
     /// Cancelled when the ingress shuts down; ends live event streams.
     pub shutdown: CancellationToken,
     /// Live event watches per app on this instance ([`sse::WatchSlot`]).
-    pub watches: Arc<std::sync::Mutex<std::collections::HashMap<String, u32>>>,
+    pub watches: sse::WatchCounts,
 }
 
 impl Ctx {

@@ -310,9 +310,7 @@ pub async fn send(
     body: axum::body::Body,
 ) -> Result<Response, ApiError> {
     // body limit and content type are enforced by ApiJson for other routes; here the raw
-    // bytes are also needed for the idempotency hash. The body is read up to the limit and
-    // no further (the router disables axum's own limit), so an oversized upload is refused
-    // without being held in memory whole.
+    // bytes are also needed for the idempotency hash
     let ct = headers
         .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -326,10 +324,7 @@ pub async fn send(
     {
         return Err(ApiError::UnsupportedMediaType);
     }
-    let limit = ctx.settings.max_body_bytes;
-    let body = axum::body::to_bytes(body, limit)
-        .await
-        .map_err(|_| ApiError::TooLarge { limit })?;
+    let body = crate::extract::read_body(body, ctx.settings.max_body_bytes).await?;
     let req: SendRequest = parse_json(&body)?;
     let idem = match headers.get("idempotency-key") {
         None => None,

@@ -67,10 +67,13 @@ impl WatchStart {
 /// An app's events as they arrive; an error item (the bus failed) is always the last item.
 pub type EventStream = BoxStream<'static, Result<Event, ApiError>>;
 
+/// Open live event watches per app on this instance (`Ctx::watches`).
+pub type WatchCounts = Arc<std::sync::Mutex<std::collections::HashMap<String, u32>>>;
+
 /// One of an app's live event watches on this instance (at most
 /// `ingress.max_watches_per_app`); the slot is given back when the watch's stream is dropped.
 pub struct WatchSlot {
-    watches: Arc<std::sync::Mutex<std::collections::HashMap<String, u32>>>,
+    watches: WatchCounts,
     app: String,
 }
 

@@ -708,9 +708,9 @@ impl<W: AsyncRead + AsyncWrite + Unpin> Live<W> {
     /// message's body never changes after acceptance), so the script records `sent` at once
     /// and the stanza is written: one round trip for the check and the transition, where the
     /// whole-queue scan took three or more and a separate `sent` one more. When the ids listed
-    /// are all in flight on this session, the message is written and `sent` recorded after. Everything else
-    /// falls back to the page-by-page scan, which reads each message's status just before
-    /// writing it:
+    /// are all in flight on this session, the message is written and `sent` recorded after.
+    /// Everything else falls back to the page-by-page scan, which reads each message's status
+    /// just before writing it:
     /// - ids below `m` that the session has not considered (a hand-over that has not arrived
     ///   yet, was lost, or did not fit the session's queue): they go out first, in order;
     /// - `m` at or below the mark, i.e. queued after the range it belongs to was read (a
