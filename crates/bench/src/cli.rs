@@ -247,6 +247,11 @@ pub struct Args {
     #[arg(long, value_name = "URL")]
     pub redis: Option<String>,
 
+    /// In-process: `common.batch_linger_us` of the suite, to compare lingers (default: the
+    /// production default, 2000)
+    #[arg(long, value_name = "MICROSECONDS")]
+    pub batch_linger_us: Option<u64>,
+
     /// Measure the machine instead of Pushgate: publish N messages into a fresh file-backed
     /// JetStream stream while a pull consumer fetches and acks them, and report messages per
     /// second (issue 8's yardstick, "one persisted JetStream hop"). Uses --nats and

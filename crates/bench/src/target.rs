@@ -113,6 +113,9 @@ impl Target {
         if let Some(redis) = &args.redis {
             s.common.redis_url = redis.clone();
         }
+        if let Some(linger) = args.batch_linger_us {
+            s.common.batch_linger_us = linger;
+        }
         // the bench sets the pace; the per-app request limit would cap it at 1000 requests/s
         s.ingress.rate_limit_per_app = 0;
         // the test settings shorten webhook batching and the router clock for fast tests;
@@ -123,7 +126,8 @@ impl Target {
         s.router.clock_tick_ms = defaults.router.clock_tick_ms;
         let bus = Bus::connect(&nats, &namespace)
             .await
-            .with_context(|| format!("NATS at {nats} (start it with scripts/up.sh)"))?;
+            .with_context(|| format!("NATS at {nats} (start it with scripts/up.sh)"))?
+            .with_batch_linger(s.common.batch_linger());
         let store = Store::connect(&s.common.redis_url, &namespace)
             .await
             .with_context(|| format!("Redis at {}", s.common.redis_url))?;
@@ -142,7 +146,10 @@ impl Target {
             server_name: ServerName::try_from(name.clone())
                 .with_context(|| format!("{name:?} is not a TLS server name"))?,
             edge_pid: None,
-            description: format!("in-process suite, namespace {namespace}, NATS {nats}"),
+            description: format!(
+                "in-process suite, namespace {namespace}, NATS {nats}, batch linger {} µs",
+                s.common.batch_linger_us
+            ),
             backend: Backend::Pushgate {
                 api,
                 admin_token: pushgate_testkit::ADMIN_TOKEN.to_string(),

@@ -36,7 +36,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::keyed::{KeyedQueues, Queue};
+use crate::keyed::{KeyedQueues, Linger, Queue};
 use crate::BusError;
 
 /// Header of a batched stream message: how many items its payload holds.
@@ -140,13 +140,15 @@ struct Queued {
 /// The per-subject queues of one process's bus connection.
 pub(crate) struct Batcher {
     js: jetstream::Context,
+    linger: Duration,
     subjects: KeyedQueues<Queued>,
 }
 
 impl Batcher {
-    pub(crate) fn new(js: jetstream::Context) -> Self {
+    pub(crate) fn new(js: jetstream::Context, linger: Duration) -> Self {
         Batcher {
             js,
+            linger,
             subjects: KeyedQueues::new(),
         }
     }
@@ -166,15 +168,16 @@ impl Batcher {
             traceparent: crate::trace::current_map().remove("traceparent"),
             done,
         };
-        let js = self.js.clone();
+        let (js, linger) = (self.js.clone(), self.linger);
         self.subjects
-            .push(subject, item, move |queue| subject_task(js, queue));
+            .push(subject, item, move |queue| subject_task(js, linger, queue));
         rx
     }
 }
 
 /// Publishes the subject's queued items, one batch at a time, until idle for [`IDLE`].
-async fn subject_task(js: jetstream::Context, mut queue: Queue<Queued>) {
+async fn subject_task(js: jetstream::Context, linger: Duration, mut queue: Queue<Queued>) {
+    let mut linger = Linger::new(linger);
     let mut batch: Vec<Queued> = Vec::with_capacity(MAX_ITEMS);
     // an item that did not fit the previous batch opens the next one
     let mut carry: Option<Queued> = None;
@@ -186,10 +189,15 @@ async fn subject_task(js: jetstream::Context, mut queue: Queue<Queued>) {
                 None => return,
             },
         };
+        let until = linger.until(tokio::time::Instant::now());
         let mut bytes = first.body.len();
         batch.push(first);
         while batch.len() < MAX_ITEMS {
-            match queue.try_next() {
+            let next = match until {
+                Some(deadline) => queue.next_before(deadline).await,
+                None => queue.try_next(),
+            };
+            match next {
                 Some(item) if bytes + 1 + item.body.len() > MAX_BYTES => {
                     carry = Some(item);
                     break;
@@ -205,6 +213,7 @@ async fn subject_task(js: jetstream::Context, mut queue: Queue<Queued>) {
             Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
             Err(e) => Err(e),
         };
+        linger.settled(tokio::time::Instant::now());
         for item in batch.drain(..) {
             // the caller may have gone (cancelled): nothing to tell
             let _ = item.done.send(result.clone());

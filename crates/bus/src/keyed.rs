@@ -4,6 +4,12 @@
 //! ([`crate::batch`]) and the router's per-edge hand-overs. Whatever is queued for a key while
 //! its task is busy goes out together next time; keys come and go (apps, edges), so an idle
 //! task removes its queue and ends, and the next item for that key starts a new one.
+//!
+//! A busy key also holds its batch open for a short [`Linger`] after the first item. Without
+//! it, a batch holds only what queued during the previous send, and at moderate rates that is
+//! one item: every fact then costs its own publish, stream message, delivery and ack, and
+//! the machine spends more CPU per message at 1,500 messages/s than at full load
+//! (docs/benchmarks.md, "Batch linger"). An idle key still sends at once.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -11,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 type Senders<T> = Arc<Mutex<HashMap<String, mpsc::UnboundedSender<T>>>>;
 
@@ -99,6 +106,57 @@ impl<T> Queue<T> {
     pub fn try_next(&mut self) -> Option<T> {
         self.rx.try_recv().ok()
     }
+
+    /// An item already queued, or the first to arrive before `deadline`; `None` when none
+    /// came by then. Unlike [`Queue::next`] the queue stays, whatever the outcome.
+    pub async fn next_before(&mut self, deadline: Instant) -> Option<T> {
+        if let Some(item) = self.try_next() {
+            return Some(item);
+        }
+        // `recv` answers `None` only once every sender is gone, and the map keeps one while
+        // the task runs
+        tokio::time::timeout_at(deadline, self.rx.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+}
+
+/// How long a key's batch stays open for more items after its first one.
+///
+/// Only a busy key waits: one whose previous batch was settled (acknowledged, answered) less
+/// than the linger before this batch opened. Under load that is every batch, since items
+/// queue while the previous one is in flight, and each then gathers what arrives within the
+/// linger; a key that was quiet sends its first item at once, so a lone message gains no
+/// latency. (Measured from the settling, not the sending: a send under load can take longer
+/// than the linger, and a busy key would then look quiet.) `Duration::ZERO` never waits (each batch
+/// is what queued during the previous send).
+#[derive(Debug, Clone)]
+pub struct Linger {
+    wait: Duration,
+    last_settled: Option<Instant>,
+}
+
+impl Linger {
+    pub fn new(wait: Duration) -> Self {
+        Linger {
+            wait,
+            last_settled: None,
+        }
+    }
+
+    /// Until when a batch that opened at `opened` may gather more items; `None`: send it with
+    /// what is queued now.
+    pub fn until(&self, opened: Instant) -> Option<Instant> {
+        let last = self.last_settled?;
+        (!self.wait.is_zero() && opened.saturating_duration_since(last) < self.wait)
+            .then(|| opened + self.wait)
+    }
+
+    /// The previous batch was settled at `at`.
+    pub fn settled(&mut self, at: Instant) {
+        self.last_settled = Some(at);
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -140,5 +198,68 @@ mod tests {
         );
         queues.push("a", 7, start(out_tx.clone(), 2));
         assert_eq!(out.recv().await, Some((2, vec![7])));
+    }
+
+    /// The linger in a real task: a quiet key sends its first item without waiting, a busy
+    /// one holds its batch open and gathers what comes meanwhile, and a batch that fills up
+    /// goes out then. The linger is an hour, so neither outcome can come from timing: a
+    /// batch that waited for it would hang the test (the guard fails it), and one sent
+    /// without lingering would hold one item.
+    #[tokio::test]
+    async fn a_busy_key_lingers_and_a_quiet_one_does_not() {
+        const WAIT: Duration = Duration::from_secs(3600);
+        const MAX: usize = 2;
+        let queues: KeyedQueues<u32> = KeyedQueues::new();
+        let (out_tx, mut out) = mpsc::unbounded_channel();
+        let task = move |mut q: Queue<u32>| async move {
+            let mut linger = Linger::new(WAIT);
+            while let Some(first) = q.next(Duration::from_secs(60)).await {
+                let until = linger.until(Instant::now());
+                let mut batch = vec![first];
+                while batch.len() < MAX {
+                    let next = match until {
+                        Some(d) => q.next_before(d).await,
+                        None => q.try_next(),
+                    };
+                    match next {
+                        Some(i) => batch.push(i),
+                        None => break,
+                    }
+                }
+                linger.settled(Instant::now());
+                let _ = out_tx.send(batch);
+            }
+        };
+        let guard = Duration::from_secs(30);
+        queues.push("k", 1, task.clone());
+        let first = tokio::time::timeout(guard, out.recv()).await;
+        assert_eq!(first, Ok(Some(vec![1])), "a quiet key sends at once");
+
+        // busy now: item 2 opens a batch that waits; 3 comes well after it and still joins
+        queues.push("k", 2, task.clone());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        queues.push("k", 3, task.clone());
+        let second = tokio::time::timeout(guard, out.recv()).await;
+        assert_eq!(
+            second,
+            Ok(Some(vec![2, 3])),
+            "full, so sent without the rest of the wait"
+        );
+    }
+
+    /// Whether a batch lingers depends on how long ago the previous one was settled.
+    #[test]
+    fn only_a_key_that_sent_within_the_linger_waits() {
+        let wait = Duration::from_millis(2);
+        let mut l = Linger::new(wait);
+        let t0 = Instant::now();
+        assert_eq!(l.until(t0), None, "nothing sent yet");
+        l.settled(t0);
+        let soon = t0 + Duration::from_millis(1);
+        assert_eq!(l.until(soon), Some(soon + wait));
+        assert_eq!(l.until(t0 + wait), None, "quiet for the whole linger");
+        let mut off = Linger::new(Duration::ZERO);
+        off.settled(t0);
+        assert_eq!(off.until(t0), None, "no linger never waits");
     }
 }

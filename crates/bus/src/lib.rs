@@ -70,7 +70,15 @@ pub struct Bus {
     replicas: usize,
     /// Per-subject group commit for [`Bus::enqueue_batched`].
     batcher: std::sync::Arc<batch::Batcher>,
+    /// How long a busy group commit holds a batch open ([`keyed::Linger`]).
+    batch_linger: std::time::Duration,
 }
+
+/// The batch linger a bus gets unless told otherwise (`common.batch_linger_us`). Two
+/// milliseconds per batched hop: next to a device's network round trip it is nothing, and at
+/// a few thousand messages per second it makes batches several items large
+/// (docs/benchmarks.md, "Batch linger").
+pub const DEFAULT_BATCH_LINGER: std::time::Duration = std::time::Duration::from_millis(2);
 
 impl Bus {
     /// Connects (retrying the first connection, then reconnecting forever) and makes sure every
@@ -112,13 +120,29 @@ impl Bus {
         let js = jetstream::new(client.clone());
         let bus = Bus {
             client,
-            batcher: std::sync::Arc::new(batch::Batcher::new(js.clone())),
+            batcher: std::sync::Arc::new(batch::Batcher::new(js.clone(), DEFAULT_BATCH_LINGER)),
+            batch_linger: DEFAULT_BATCH_LINGER,
             js,
             names: Names::new(namespace),
             replicas: replicas.max(1),
         };
         bus.ensure_topology().await?;
         Ok(bus)
+    }
+
+    /// The same bus with another batch linger (`Duration::ZERO`: batches hold only what
+    /// queued during the previous send). Set it before the first batched publish: publishes
+    /// already queued keep the linger they were queued under.
+    pub fn with_batch_linger(mut self, linger: std::time::Duration) -> Self {
+        self.batcher = std::sync::Arc::new(batch::Batcher::new(self.js.clone(), linger));
+        self.batch_linger = linger;
+        self
+    }
+
+    /// How long a busy group commit holds a batch open: this bus's own, and the router's
+    /// per-edge hand-overs.
+    pub fn batch_linger(&self) -> std::time::Duration {
+        self.batch_linger
     }
 
     /// The names of this bus's streams and subjects.

@@ -4,9 +4,10 @@
 //! flight together. Sending each as its own core-NATS request costs one message each way and a
 //! task wake-up per message on both sides; instead every hand-over to an edge goes into that
 //! edge's queue, and one task per edge sends whatever is queued as one request on
-//! `{ns}.edge.{edge}.deliver_batch`. While a batch is in flight the next one accumulates, so an
-//! idle router still sends a batch of one at once (no timer, no added latency) and a busy one
-//! sends fewer, larger requests.
+//! `{ns}.edge.{edge}.deliver_batch`. While a batch is in flight the next one accumulates, and a
+//! busy edge's batch also stays open for the bus's linger ([`pushgate_bus::keyed::Linger`]), so
+//! a busy router sends fewer, larger requests while an idle one still sends a batch of one at
+//! once (no added latency).
 //!
 //! Durability is that of a single hand-over: each message already waits in its device's pending
 //! queue, and each caller learns its own item's outcome; a failed batch fails every item in it
@@ -15,7 +16,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use pushgate_bus::keyed::{KeyedQueues, Queue};
+use pushgate_bus::keyed::{KeyedQueues, Linger, Queue};
 use pushgate_bus::payloads::{EdgeDeliver, EdgeDeliverItem, EdgeDeliverReply};
 use pushgate_bus::{Bus, BusError};
 use tokio::sync::oneshot;
@@ -92,11 +93,17 @@ impl Handover {
 /// Sends the edge's queued hand-overs, one batch at a time, until it has been idle for
 /// [`IDLE`]. The queue is unbounded; what bounds it is the router's command concurrency.
 async fn edge_task(bus: Bus, timeout: Duration, mut queue: Queue<Item>) {
+    let mut linger = Linger::new(bus.batch_linger());
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = queue.next(IDLE).await {
+        let until = linger.until(tokio::time::Instant::now());
         batch.push(first);
         while batch.len() < MAX_BATCH {
-            match queue.try_next() {
+            let next = match until {
+                Some(deadline) => queue.next_before(deadline).await,
+                None => queue.try_next(),
+            };
+            match next {
                 Some(item) => batch.push(item),
                 None => break,
             }
@@ -104,6 +111,7 @@ async fn edge_task(bus: Bus, timeout: Duration, mut queue: Queue<Item>) {
         let (items, dones): (Vec<EdgeDeliverItem>, Vec<oneshot::Sender<Outcome>>) =
             batch.drain(..).map(|i| (i.item, i.done)).unzip();
         let outcomes = send_batch(&bus, queue.key(), &items, timeout).await;
+        linger.settled(tokio::time::Instant::now());
         for (done, outcome) in dones.into_iter().zip(outcomes) {
             // the caller may have gone (its command was cancelled): nothing to tell
             let _ = done.send(outcome);

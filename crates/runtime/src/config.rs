@@ -52,6 +52,11 @@ pub struct CommonSettings {
     /// Copies of each JetStream stream when it is created (1 for a single server, 3 on a
     /// three-node cluster).
     pub nats_replicas: usize,
+    /// Microseconds a busy batched publisher (status events, router commands, hand-overs to
+    /// an edge) holds a batch open for more items; 0 sends only what queued during the
+    /// previous send. Adds at most this much latency per batched hop, and only under load.
+    /// At most 100000.
+    pub batch_linger_us: u64,
     /// Redis URL.
     pub redis_url: String,
     /// Prefix of every stream, subject and key: lets several deployments (or tests) share one
@@ -70,6 +75,7 @@ impl Default for CommonSettings {
         CommonSettings {
             nats_url: "nats://127.0.0.1:4222".into(),
             nats_replicas: 1,
+            batch_linger_us: pushgate_bus::DEFAULT_BATCH_LINGER.as_micros() as u64,
             redis_url: "redis://127.0.0.1:6379".into(),
             namespace: "pg".into(),
             xmpp_domain: "pushgate.local".into(),
@@ -79,7 +85,15 @@ impl Default for CommonSettings {
     }
 }
 
+/// Upper bound of `common.batch_linger_us`: a linger is latency on every batched hop.
+const MAX_BATCH_LINGER_US: u64 = 100_000;
+
 impl CommonSettings {
+    /// `batch_linger_us` as a duration.
+    pub fn batch_linger(&self) -> std::time::Duration {
+        std::time::Duration::from_micros(self.batch_linger_us)
+    }
+
     /// Checks the shared settings.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let ns = &self.namespace;
@@ -104,6 +118,15 @@ impl CommonSettings {
             return Err(ConfigError::invalid(
                 "common.redis_url",
                 "must start with redis:// or rediss://",
+            ));
+        }
+        if self.batch_linger_us > MAX_BATCH_LINGER_US {
+            return Err(ConfigError::invalid(
+                "common.batch_linger_us",
+                format!(
+                    "{} is more than {MAX_BATCH_LINGER_US} (a tenth of a second per hop)",
+                    self.batch_linger_us
+                ),
             ));
         }
         if self.device_secret.len() < 32 {
@@ -173,5 +196,13 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(e.contains("common.device_secret"), "{e}");
+        c.device_secret = "x".repeat(32);
+        c.batch_linger_us = 100_001;
+        let e = c
+            .validate()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("common.batch_linger_us"), "{e}");
     }
 }

@@ -23,7 +23,8 @@ pub enum BackendError {
 pub async fn connect_backends(common: &CommonSettings) -> Result<(Bus, Store), BackendError> {
     let bus = Bus::connect_with(&common.nats_url, &common.namespace, common.nats_replicas)
         .await
-        .map_err(BackendError::Nats)?;
+        .map_err(BackendError::Nats)?
+        .with_batch_linger(common.batch_linger());
     let store = Store::connect(&common.redis_url, &common.namespace)
         .await
         .map_err(BackendError::Redis)?;

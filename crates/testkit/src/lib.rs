@@ -125,7 +125,8 @@ impl TestEnv {
         adjust(&mut settings);
         let bus = Bus::connect(nats, &namespace)
             .await
-            .context("NATS for tests")?;
+            .context("NATS for tests")?
+            .with_batch_linger(settings.common.batch_linger());
         let store = Store::connect(&settings.common.redis_url, &namespace)
             .await
             .context("Redis for tests")?;
