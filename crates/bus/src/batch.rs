@@ -193,11 +193,7 @@ async fn subject_task(js: jetstream::Context, linger: Duration, mut queue: Queue
         let mut bytes = first.body.len();
         batch.push(first);
         while batch.len() < MAX_ITEMS {
-            let next = match until {
-                Some(deadline) => queue.next_before(deadline).await,
-                None => queue.try_next(),
-            };
-            match next {
+            match queue.next_in_batch(until).await {
                 Some(item) if bytes + 1 + item.body.len() > MAX_BYTES => {
                     carry = Some(item);
                     break;

@@ -107,12 +107,14 @@ impl<T> Queue<T> {
         self.rx.try_recv().ok()
     }
 
-    /// An item already queued, or the first to arrive before `deadline`; `None` when none
-    /// came by then. Unlike [`Queue::next`] the queue stays, whatever the outcome.
-    pub async fn next_before(&mut self, deadline: Instant) -> Option<T> {
+    /// The next item of a batch that may gather items until `until` ([`Linger::until`]): one
+    /// already queued, or with a deadline the first to arrive before it; `None` when the batch
+    /// is complete. Unlike [`Queue::next`] the queue stays, whatever the outcome.
+    pub async fn next_in_batch(&mut self, until: Option<Instant>) -> Option<T> {
         if let Some(item) = self.try_next() {
             return Some(item);
         }
+        let deadline = until?;
         // `recv` answers `None` only once every sender is gone, and the map keeps one while
         // the task runs
         tokio::time::timeout_at(deadline, self.rx.recv())
@@ -217,11 +219,7 @@ mod tests {
                 let until = linger.until(Instant::now());
                 let mut batch = vec![first];
                 while batch.len() < MAX {
-                    let next = match until {
-                        Some(d) => q.next_before(d).await,
-                        None => q.try_next(),
-                    };
-                    match next {
+                    match q.next_in_batch(until).await {
                         Some(i) => batch.push(i),
                         None => break,
                     }

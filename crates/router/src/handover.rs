@@ -99,11 +99,7 @@ async fn edge_task(bus: Bus, timeout: Duration, mut queue: Queue<Item>) {
         let until = linger.until(tokio::time::Instant::now());
         batch.push(first);
         while batch.len() < MAX_BATCH {
-            let next = match until {
-                Some(deadline) => queue.next_before(deadline).await,
-                None => queue.try_next(),
-            };
-            match next {
+            match queue.next_in_batch(until).await {
                 Some(item) => batch.push(item),
                 None => break,
             }

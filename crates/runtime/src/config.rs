@@ -176,33 +176,27 @@ mod tests {
 
     #[test]
     fn validation_names_the_setting() {
+        let error = |c: &CommonSettings| {
+            c.validate()
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
         let mut c = CommonSettings {
             device_secret: "x".repeat(32),
             ..Default::default()
         };
         assert!(c.validate().is_ok());
         c.namespace = "Bad-NS".into();
-        let e = c
-            .validate()
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
+        let e = error(&c);
         assert!(e.contains("common.namespace"), "{e}");
         c.namespace = "ok".into();
         c.device_secret = "short".into();
-        let e = c
-            .validate()
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
+        let e = error(&c);
         assert!(e.contains("common.device_secret"), "{e}");
         c.device_secret = "x".repeat(32);
         c.batch_linger_us = 100_001;
-        let e = c
-            .validate()
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
+        let e = error(&c);
         assert!(e.contains("common.batch_linger_us"), "{e}");
     }
 }
