@@ -107,6 +107,17 @@ impl<T> Queue<T> {
         self.rx.try_recv().ok()
     }
 
+    /// Adds items to `batch` (which holds its first) until it has `max` or is complete: what
+    /// is queued, and with a deadline ([`Linger::until`]) what arrives before it.
+    pub async fn fill(&mut self, batch: &mut Vec<T>, max: usize, until: Option<Instant>) {
+        while batch.len() < max {
+            match self.next_in_batch(until).await {
+                Some(item) => batch.push(item),
+                None => break,
+            }
+        }
+    }
+
     /// The next item of a batch that may gather items until `until` ([`Linger::until`]): one
     /// already queued, or with a deadline the first to arrive before it; `None` when the batch
     /// is complete. Unlike [`Queue::next`] the queue stays, whatever the outcome.
@@ -218,12 +229,7 @@ mod tests {
             while let Some(first) = q.next(Duration::from_secs(60)).await {
                 let until = linger.until(Instant::now());
                 let mut batch = vec![first];
-                while batch.len() < MAX {
-                    match q.next_in_batch(until).await {
-                        Some(i) => batch.push(i),
-                        None => break,
-                    }
-                }
+                q.fill(&mut batch, MAX, until).await;
                 linger.settled(Instant::now());
                 let _ = out_tx.send(batch);
             }

@@ -98,12 +98,7 @@ async fn edge_task(bus: Bus, timeout: Duration, mut queue: Queue<Item>) {
     while let Some(first) = queue.next(IDLE).await {
         let until = linger.until(tokio::time::Instant::now());
         batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match queue.next_in_batch(until).await {
-                Some(item) => batch.push(item),
-                None => break,
-            }
-        }
+        queue.fill(&mut batch, MAX_BATCH, until).await;
         let (items, dones): (Vec<EdgeDeliverItem>, Vec<oneshot::Sender<Outcome>>) =
             batch.drain(..).map(|i| (i.item, i.done)).unzip();
         let outcomes = send_batch(&bus, queue.key(), &items, timeout).await;

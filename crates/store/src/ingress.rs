@@ -86,7 +86,7 @@ static USERS_DEVICES: LazyLock<Script> =
 
 /// A reply shape the scripts never produce (a script of another version loaded under the same
 /// SHA is impossible; this guards against reading garbage as an answer).
-fn unexpected(what: &str) -> StoreError {
+pub(crate) fn unexpected(what: &str) -> StoreError {
     StoreError::Redis(redis::RedisError::from((
         redis::ErrorKind::UnexpectedReturnType,
         "unexpected script reply",
@@ -96,7 +96,7 @@ fn unexpected(what: &str) -> StoreError {
 
 /// The error Redis answered with `text` (`WRONGTYPE Operation against …`), as the client
 /// makes it of an error reply: parsed from the same wire form, so it reads the same.
-fn server_error(text: &[u8]) -> StoreError {
+pub(crate) fn server_error(text: &[u8]) -> StoreError {
     // an error line cannot hold a line break; Redis never puts one in
     let line: Vec<u8> = text
         .iter()

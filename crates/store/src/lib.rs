@@ -51,6 +51,30 @@ pub enum StoreError {
     Conflict(String),
 }
 
+impl StoreError {
+    /// The same error for another caller: a store call made for several callers at once (a
+    /// batch of status changes) fails each of them with it.
+    pub fn for_another(&self) -> StoreError {
+        match self {
+            StoreError::Redis(e) => StoreError::Redis(e.clone()),
+            StoreError::Connect { url, source } => StoreError::Connect {
+                url: url.clone(),
+                source: source.clone(),
+            },
+            other => StoreError::client(&other.to_string()),
+        }
+    }
+
+    /// A failure on this side of the connection, described by `detail`.
+    pub fn client(detail: &str) -> StoreError {
+        StoreError::Redis(redis::RedisError::from((
+            redis::ErrorKind::Client,
+            "store call failed",
+            detail.to_string(),
+        )))
+    }
+}
+
 /// The outcome of a status change request.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Transition {
@@ -90,6 +114,7 @@ pub struct Store {
     conn: ConnectionManager,
     keys: Keys,
     transition: Script,
+    change_many: Script,
     expire_due: Script,
     release_due: Script,
     compare_and_delete: Script,
@@ -126,6 +151,7 @@ impl Store {
             conn,
             keys: Keys::new(namespace),
             transition: Script::new(&scripts::transition()),
+            change_many: Script::new(&scripts::change_many()),
             expire_due: Script::new(&scripts::expire_due()),
             release_due: Script::new(&scripts::release_due()),
             compare_and_delete: Script::new(scripts::COMPARE_AND_DELETE),
@@ -714,6 +740,61 @@ impl Store {
             2 => Transition::Noted,
             _ => Transition::Refused(cur.parse().ok()),
         })
+    }
+
+    /// Applies several status changes at `now_ms` in one script call, in order: entry `i` is
+    /// what [`Store::change`]`(&changes[i], now_ms)` answers, error included (a change whose
+    /// keys hold the wrong type fails alone). The outer error is one every change would have
+    /// met (Redis unreachable); changes before it may have been applied, as with a single
+    /// call whose answer was lost, and are refused when repeated. An empty list costs nothing.
+    pub async fn change_many(
+        &self,
+        changes: &[Change<'_>],
+        now_ms: i64,
+    ) -> Result<Vec<Result<Transition, StoreError>>, StoreError> {
+        let asked: Vec<(usize, Status)> = changes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, ch)| ch.to.map(|to| (i, to)))
+            .collect();
+        let mut out: Vec<Result<Transition, StoreError>> = changes
+            .iter()
+            .map(|_| Ok(Transition::Refused(None)))
+            .collect();
+        if asked.is_empty() {
+            return Ok(out);
+        }
+        let mut inv = self.change_many.prepare_invoke();
+        inv.key(self.keys.outbox_evt())
+            .key(self.keys.expiry())
+            .key(self.keys.outbox_cmd())
+            .arg(self.keys.pending_root())
+            .arg(now_ms)
+            .arg(pushgate_core::time::rfc3339(now_ms));
+        for &(i, to) in &asked {
+            let ch = &changes[i];
+            inv.key(self.keys.msg(ch.message_id))
+                .key(self.keys.history(ch.message_id))
+                .arg(ch.message_id)
+                .arg(to.as_str())
+                .arg(ch.channel.unwrap_or(""))
+                .arg(ch.device_id.unwrap_or(""))
+                .arg(ch.detail.unwrap_or(""))
+                .arg(ch.command.unwrap_or(""));
+        }
+        let replies: Vec<(i64, String, String)> = inv.invoke_async(&mut self.conn.clone()).await?;
+        if replies.len() != asked.len() {
+            return Err(ingress::unexpected("change_many"));
+        }
+        for ((i, _), (code, cur, ev)) in asked.into_iter().zip(replies) {
+            out[i] = match code {
+                1 => Ok(Transition::Applied(ev)),
+                2 => Ok(Transition::Noted),
+                -1 => Err(ingress::server_error(cur.as_bytes())),
+                _ => Ok(Transition::Refused(cur.parse().ok())),
+            };
+        }
+        Ok(out)
     }
 
     /// Expires up to `limit` due messages; returns their events (already in the outbox).

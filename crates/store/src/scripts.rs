@@ -133,6 +133,33 @@ const TRANSITION_BODY: &str = r#"
 return apply(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9])
 "#;
 
+/// Several status changes at one instant, in order, each exactly as [`TRANSITION_BODY`] would
+/// apply it: a busy edge confirms many messages at once, and one script call for all of them
+/// costs Redis one request and one script run instead of one each (docs/benchmarks.md).
+///
+/// KEYS: outbox:evt, expiry, outbox:cmd, then msg and history of each change.
+/// ARGV: pending_root, at_ms, at_txt, then six per change: id, to, channel, device, detail,
+/// purpose.
+/// Returns one entry per change: what `apply` returns, or `{-1, error text, ''}` when a
+/// command of that change failed (a key of the wrong type): that change alone fails, as it
+/// would have in its own call, and the others are applied.
+const CHANGE_MANY_BODY: &str = r#"
+local out = {}
+local n = (#ARGV - 3) / 6
+for i = 0, n - 1 do
+  local a = 3 + i * 6
+  local ok, r = pcall(apply, KEYS[4 + i * 2], KEYS[5 + i * 2], KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[a + 1], ARGV[a + 2], ARGV[2], ARGV[3], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5], ARGV[a + 6])
+  if ok then
+    out[i + 1] = r
+  elseif type(r) == 'table' and r.err then
+    out[i + 1] = {-1, r.err, ''}
+  else
+    out[i + 1] = {-1, tostring(r), ''}
+  end
+end
+return out
+"#;
+
 /// Expires due messages, at most `limit` per call.
 ///
 /// KEYS: expiry, outbox:evt, outbox:cmd.
@@ -267,6 +294,11 @@ return ARGV[1]
 /// The full source of the status transition script.
 pub fn transition() -> String {
     format!("{}{PRELUDE_BODY}{TRANSITION_BODY}", transition_table_lua())
+}
+
+/// The full source of the batched status change script.
+pub fn change_many() -> String {
+    format!("{}{PRELUDE_BODY}{CHANGE_MANY_BODY}", transition_table_lua())
 }
 
 /// The full source of the hand-over check that also records `sent`.
@@ -434,6 +466,122 @@ mod tests {
                 ("watch".to_string(), Status::Read, true),
             ]
         );
+        store.delete_namespace().await?;
+        Ok(())
+    }
+
+    /// `change_many` answers and writes what one `change` per item does, run on two copies of
+    /// the same messages: applied changes numbered in order (two of one message in the same
+    /// batch), a second device noted, moves refused (message gone, no status asked, not
+    /// allowed after a `read` earlier in the batch), and a message key of the wrong type
+    /// failing alone.
+    #[tokio::test]
+    async fn change_many_is_one_change_per_item() -> Result<(), Box<dyn std::error::Error>> {
+        use crate::{Change, StoreError, Transition};
+        use redis::AsyncCommands;
+
+        let store = crate::test_support::store("cm").await?;
+        let now = pushgate_core::time::now_ms();
+        // one world per path: its messages, then its steps by message index
+        let mut worlds = vec![];
+        for _ in 0..2 {
+            let ms: Vec<_> = (0..2)
+                .map(|i| crate::test_support::message("u", now, i))
+                .collect();
+            for m in &ms {
+                store
+                    .create_messages(&[(m.clone(), Status::Enqueued, format!("{}|ev", m.id))])
+                    .await?;
+                store
+                    .target_devices(m, &["phone".into(), "tablet".into()])
+                    .await?;
+            }
+            let bad = uuid::Uuid::now_v7().to_string();
+            let _: () = store
+                .conn()
+                .set(store.keys().msg(&bad), "not a hash")
+                .await?;
+            worlds.push((ms, bad));
+        }
+        let steps = |ms: &[pushgate_core::Message],
+                     bad: &str|
+         -> Vec<(String, Option<Status>, &'static str)> {
+            vec![
+                (ms[0].id.clone(), Some(Status::Sent), "phone"),
+                (ms[0].id.clone(), Some(Status::Delivered), "phone"),
+                (ms[0].id.clone(), Some(Status::Delivered), "tablet"),
+                (bad.to_string(), Some(Status::Delivered), "phone"),
+                (ms[1].id.clone(), Some(Status::Read), "phone"),
+                ("gone".to_string(), Some(Status::Delivered), "phone"),
+                (ms[1].id.clone(), None, "phone"),
+                (ms[1].id.clone(), Some(Status::Cancelled), ""),
+            ]
+        };
+        let outcome = |r: Result<Transition, StoreError>| -> String {
+            match r {
+                Ok(Transition::Applied(ev)) => {
+                    let v: serde_json::Value = serde_json::from_str(&ev).unwrap_or_default();
+                    format!("applied {} {}", v["seq"], v["event"]["event"])
+                }
+                Ok(t) => format!("{t:?}"),
+                Err(e) => format!("error {}", e.to_string().contains("WRONGTYPE")),
+            }
+        };
+        let at = now + 5;
+        let mut answers = vec![];
+        for (w, (ms, bad)) in worlds.iter().enumerate() {
+            let steps = steps(ms, bad);
+            let changes: Vec<Change<'_>> = steps
+                .iter()
+                .map(|(id, to, dev)| Change {
+                    message_id: id,
+                    to: *to,
+                    channel: Some("xmpp"),
+                    device_id: (!dev.is_empty()).then_some(*dev),
+                    ..Default::default()
+                })
+                .collect();
+            let got: Vec<String> = if w == 0 {
+                let mut got = vec![];
+                for ch in &changes {
+                    got.push(outcome(store.change(ch, at).await));
+                }
+                got
+            } else {
+                store
+                    .change_many(&changes, at)
+                    .await?
+                    .into_iter()
+                    .map(outcome)
+                    .collect()
+            };
+            let mut states = vec![];
+            for m in ms {
+                let st = store.message_state(&m.id).await?.ok_or("message gone")?;
+                let h: Vec<_> = st
+                    .history
+                    .iter()
+                    .map(|e| (e.status, e.at, e.device_id.clone(), e.detail.clone()))
+                    .collect();
+                states.push((st.status, h));
+            }
+            answers.push((got, states));
+        }
+        assert_eq!(answers[0], answers[1]);
+        assert_eq!(
+            answers[1].0,
+            [
+                "applied 2 \"sent\"",
+                "applied 3 \"delivered\"",
+                "Noted",
+                "error true",
+                "applied 2 \"read\"",
+                "Refused(None)",
+                "Refused(None)",
+                "Refused(Some(Read))",
+            ]
+        );
+        assert!(store.change_many(&[], at).await?.is_empty());
         store.delete_namespace().await?;
         Ok(())
     }

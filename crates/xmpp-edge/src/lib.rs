@@ -9,6 +9,7 @@
 //! until the device confirms it (XEP-0184 receipt or XEP-0198 ack). A dropped connection or a
 //! crashed edge therefore loses nothing: the next session drains the pending queue.
 
+mod confirm;
 pub mod mailbox;
 pub mod sasl;
 pub mod session;
@@ -286,6 +287,8 @@ pub struct Edge {
     metrics: Arc<Metrics>,
     tls: ReloadableTls,
     sessions: Mutex<Registry>,
+    /// Devices' `delivered` and `read`, applied in batches ([`confirm`]).
+    confirmations: confirm::Confirmations,
 }
 
 impl Edge {
@@ -454,6 +457,7 @@ impl Service {
             .clone()
             .unwrap_or_else(|| format!("e{}", &uuid::Uuid::new_v4().simple().to_string()[..12]));
         let outbox = Outbox::new(bus.clone(), store.clone(), metrics.clone());
+        let confirmations = confirm::Confirmations::new(store.clone(), bus.batch_linger());
         let edge = Arc::new(Edge {
             settings,
             domain: common.xmpp_domain.clone(),
@@ -464,6 +468,7 @@ impl Service {
             metrics,
             tls,
             sessions: Mutex::new(Registry::default()),
+            confirmations,
         });
         Ok(Service {
             edge,

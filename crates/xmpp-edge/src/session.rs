@@ -949,15 +949,27 @@ impl<W: AsyncRead + AsyncWrite + Unpin> Live<W> {
         to: Status,
         detail: Option<&str>,
     ) -> Result<(), SessionError> {
-        let ch = Change {
-            message_id: id,
-            to: Some(to),
-            channel: Some("xmpp"),
-            device_id: Some(&self.device.device_id),
-            detail,
-            command: None,
+        let outcome = match (to, detail) {
+            // the device's confirmations, the hot path: batched across the edge's sessions
+            (Status::Delivered | Status::Read, None) => {
+                self.edge
+                    .confirmations
+                    .apply(id, to, &self.device.device_id)
+                    .await?
+            }
+            _ => {
+                let ch = Change {
+                    message_id: id,
+                    to: Some(to),
+                    channel: Some("xmpp"),
+                    device_id: Some(&self.device.device_id),
+                    detail,
+                    command: None,
+                };
+                self.edge.store.change(&ch, now_ms()).await?
+            }
         };
-        if let Transition::Applied(ev) = self.edge.store.change(&ch, now_ms()).await? {
+        if let Transition::Applied(ev) = outcome {
             if to == Status::Delivered {
                 // message ids are UUIDv7: the acceptance time is in the id, so the metric
                 // costs no read (the same source as `accept_to_webhook_delivered`)
