@@ -1,15 +1,15 @@
 //! Per-key work queues, each drained by its own task that ends once idle.
 //!
-//! Both group commits of the suite have this shape: the per-subject publisher
-//! ([`crate::batch`]) and the router's per-edge hand-overs. Whatever is queued for a key while
-//! its task is busy goes out together next time; keys come and go (apps, edges), so an idle
-//! task removes its queue and ends, and the next item for that key starts a new one.
+//! The suite's group commits have this shape: the per-subject publisher ([`crate::batch`]),
+//! the router's per-edge hand-overs and the edge's confirmations. Whatever is queued for a key
+//! while its task is busy goes out together next time; keys come and go (apps, edges), so an
+//! idle task removes its queue and ends, and the next item for that key starts a new one.
 //!
 //! A busy key also holds its batch open for a short [`Linger`] after the first item. Without
 //! it, a batch holds only what queued during the previous send, and at moderate rates that is
 //! one item: every fact then costs its own publish, stream message, delivery and ack, and
-//! the machine spends more CPU per message at 1,500 messages/s than at full load
-//! (docs/benchmarks.md, "Batch linger"). An idle key still sends at once.
+//! the machine spent as much CPU at 1,500 messages/s as at full load (docs/benchmarks.md,
+//! "Results (2026-11-23, fourth session): batch linger"). An idle key still sends at once.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -142,8 +142,8 @@ impl<T> Queue<T> {
 /// queue while the previous one is in flight, and each then gathers what arrives within the
 /// linger; a key that was quiet sends its first item at once, so a lone message gains no
 /// latency. (Measured from the settling, not the sending: a send under load can take longer
-/// than the linger, and a busy key would then look quiet.) `Duration::ZERO` never waits (each batch
-/// is what queued during the previous send).
+/// than the linger, and a busy key would then look quiet.) `Duration::ZERO` never waits: each
+/// batch is what queued during the previous send.
 #[derive(Debug, Clone)]
 pub struct Linger {
     wait: Duration,
@@ -253,7 +253,7 @@ mod tests {
 
     /// Whether a batch lingers depends on how long ago the previous one was settled.
     #[test]
-    fn only_a_key_that_sent_within_the_linger_waits() {
+    fn only_a_key_settled_within_the_linger_waits() {
         let wait = Duration::from_millis(2);
         let mut l = Linger::new(wait);
         let t0 = Instant::now();

@@ -77,7 +77,7 @@ pub struct Bus {
 /// The batch linger a bus gets unless told otherwise (`common.batch_linger_us`). Two
 /// milliseconds per batched hop: next to a device's network round trip it is nothing, and at
 /// a few thousand messages per second it makes batches several items large
-/// (docs/benchmarks.md, "Batch linger").
+/// (docs/benchmarks.md, fourth session: batch linger).
 pub const DEFAULT_BATCH_LINGER: std::time::Duration = std::time::Duration::from_millis(2);
 
 impl Bus {
@@ -139,8 +139,8 @@ impl Bus {
         self
     }
 
-    /// How long a busy group commit holds a batch open: this bus's own, and the router's
-    /// per-edge hand-overs.
+    /// How long a busy group commit holds a batch open: this bus's own, the router's per-edge
+    /// hand-overs and the edge's confirmations.
     pub fn batch_linger(&self) -> std::time::Duration {
         self.batch_linger
     }

@@ -52,10 +52,10 @@ pub struct CommonSettings {
     /// Copies of each JetStream stream when it is created (1 for a single server, 3 on a
     /// three-node cluster).
     pub nats_replicas: usize,
-    /// Microseconds a busy batched publisher (status events, router commands, hand-overs to
-    /// an edge) holds a batch open for more items; 0 sends only what queued during the
-    /// previous send. Adds at most this much latency per batched hop, and only under load.
-    /// At most 100000.
+    /// Microseconds a busy batch (status events, router commands, hand-overs to an edge,
+    /// devices' confirmations at an edge) is held open for more items; 0 sends only what
+    /// queued during the previous send. Adds at most this much latency per batched hop, and
+    /// only under load. At most 100000.
     pub batch_linger_us: u64,
     /// Redis URL.
     pub redis_url: String,
