@@ -430,6 +430,12 @@ impl Env {
         let resp = req.send().await.expect("DLR request");
         answer_parts(resp).await
     }
+
+    /// A delivery report signed now with the provider's secret.
+    async fn signed_dlr(&self, id: &str, body: &Value) -> (u16, String, Value) {
+        self.dlr(id, body, Some(sign(body, now_ms() / 1000, SECRET)))
+            .await
+    }
 }
 
 /// Status, content type and JSON body (null when it is not JSON) of an answer.
@@ -711,24 +717,18 @@ async fn signed_delivery_report_marks_the_sms_delivered() {
 
         // before any SMS went out there is nothing to report on
         let report = json!({"status": "delivered"});
-        let (code, _, _) = env
-            .dlr(&id, &report, Some(sign(&report, now_ms() / 1000, SECRET)))
-            .await;
+        let (code, _, _) = env.signed_dlr(&id, &report).await;
         assert_eq!(code, 409);
 
         env.request(&app, &id, &format!("{id}.sms")).await;
         env.wait_status(&id, Status::SmsSent).await;
-        let (code, _, body) = env
-            .dlr(&id, &report, Some(sign(&report, now_ms() / 1000, SECRET)))
-            .await;
+        let (code, _, body) = env.signed_dlr(&id, &report).await;
         assert_eq!(code, 200, "{body}");
         assert_eq!(body["status"], "sms_delivered");
         let s = env.wait_status(&id, Status::SmsDelivered).await;
         assert_eq!(last(&s).channel.as_deref(), Some("sms"));
         // the provider repeating itself changes nothing and is not an error
-        let (code, _, body) = env
-            .dlr(&id, &report, Some(sign(&report, now_ms() / 1000, SECRET)))
-            .await;
+        let (code, _, body) = env.signed_dlr(&id, &report).await;
         assert_eq!(
             (code, body["status"].as_str()),
             (200, Some("sms_delivered"))
@@ -764,9 +764,7 @@ async fn a_report_that_overtakes_the_send_is_kept() {
                 .message(&app, None, "+41791234567", 3_600_000, None)
                 .await;
             env.set_record(&id, &record).await;
-            let (code, _, body) = env
-                .dlr(&id, &report, Some(sign(&report, now_ms() / 1000, SECRET)))
-                .await;
+            let (code, _, body) = env.signed_dlr(&id, &report).await;
             assert_eq!(code, 200, "{body}");
             assert_eq!(body["status"], "sms_delivered");
             let s = env.wait_status(&id, Status::SmsDelivered).await;
@@ -796,9 +794,7 @@ async fn failed_delivery_report_marks_the_sms_failed() {
         env.request(&app, &id, &format!("{id}.sms")).await;
         env.wait_status(&id, Status::SmsSent).await;
         let report = json!({"status": "failed", "detail": "handset unreachable"});
-        let (code, _, _) = env
-            .dlr(&id, &report, Some(sign(&report, now_ms() / 1000, SECRET)))
-            .await;
+        let (code, _, _) = env.signed_dlr(&id, &report).await;
         assert_eq!(code, 200);
         let s = env.wait_status(&id, Status::SmsFailed).await;
         assert_eq!(

@@ -86,6 +86,17 @@ pub enum Transition {
     Refused(Option<Status>),
 }
 
+impl Transition {
+    /// What `apply` answered (`{code, current status, event JSON}`, see [`scripts`]).
+    fn from_reply(code: i64, current: String, event: String) -> Self {
+        match code {
+            1 => Transition::Applied(event),
+            2 => Transition::Noted,
+            _ => Transition::Refused(current.parse().ok()),
+        }
+    }
+}
+
 /// A requested status change.
 #[derive(Debug, Clone, Default)]
 pub struct Change<'a> {
@@ -735,11 +746,7 @@ impl Store {
             .arg(ch.command.unwrap_or(""))
             .invoke_async(&mut self.conn.clone())
             .await?;
-        Ok(match code {
-            1 => Transition::Applied(ev),
-            2 => Transition::Noted,
-            _ => Transition::Refused(cur.parse().ok()),
-        })
+        Ok(Transition::from_reply(code, cur, ev))
     }
 
     /// Applies several status changes at `now_ms` in one script call, in order: entry `i` is
@@ -788,10 +795,8 @@ impl Store {
         }
         for ((i, _), (code, cur, ev)) in asked.into_iter().zip(replies) {
             out[i] = match code {
-                1 => Ok(Transition::Applied(ev)),
-                2 => Ok(Transition::Noted),
                 -1 => Err(ingress::server_error(cur.as_bytes())),
-                _ => Ok(Transition::Refused(cur.parse().ok())),
+                _ => Ok(Transition::from_reply(code, cur, ev)),
             };
         }
         Ok(out)

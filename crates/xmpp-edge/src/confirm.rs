@@ -3,7 +3,8 @@
 //! Every message a device gets is confirmed by it (an XEP-0184 receipt, a stream-management
 //! ack, a read marker), and each confirmation is a status change. Applied one session at a
 //! time that is a Redis request and a script run per message. The edge has many sessions
-//! confirming at once, so confirmations go through one queue whose task applies what is
+//! confirming at once, so their status changes (the confirmations, and the rarer `sent` a
+//! session records after writing a message) go through one queue whose task applies what is
 //! queued (and, while busy, what arrives within the bus's batch linger) with one
 //! [`Store::change_many`]. Each session still waits for its own outcome and then does exactly
 //! what it did after its own change: observe the latency, publish the event, go on reading.
@@ -51,8 +52,8 @@ impl Confirmations {
         }
     }
 
-    /// Applies `to` (`delivered`, `read`) for the message as `device_id` confirmed it over
-    /// XMPP, in the next batch: what [`Store::change`] would answer for that change alone.
+    /// Applies `to` (`delivered`, `read`, `sent`) for the message on `device_id`'s XMPP
+    /// session, in the next batch: what [`Store::change`] would answer for that change alone.
     pub(crate) async fn apply(
         &self,
         message_id: &str,

@@ -287,7 +287,7 @@ pub struct Edge {
     metrics: Arc<Metrics>,
     tls: ReloadableTls,
     sessions: Mutex<Registry>,
-    /// Devices' `delivered` and `read`, applied in batches ([`confirm`]).
+    /// Sessions' status changes (devices' confirmations), applied in batches ([`confirm`]).
     confirmations: confirm::Confirmations,
 }
 

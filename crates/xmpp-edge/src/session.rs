@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use pushgate_core::time::now_ms;
 use pushgate_core::{Device, Message, Status};
 use pushgate_store::session::Sent;
-use pushgate_store::{Change, Transition};
+use pushgate_store::Transition;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 
@@ -869,7 +869,7 @@ impl<W: AsyncRead + AsyncWrite + Unpin> Live<W> {
             self.edge.metrics.xmpp_stanzas_out.inc();
             self.inflight.insert(m.id.clone());
             match sent {
-                None => self.change(&m.id, Status::Sent, None).await,
+                None => self.change(&m.id, Status::Sent).await,
                 Some(Sent::Applied(ev)) => {
                     publish_event(&self.edge, ev).await;
                     Ok(())
@@ -943,32 +943,14 @@ impl<W: AsyncRead + AsyncWrite + Unpin> Live<W> {
         self.write_pending(None, None).await
     }
 
-    async fn change(
-        &mut self,
-        id: &str,
-        to: Status,
-        detail: Option<&str>,
-    ) -> Result<(), SessionError> {
-        let outcome = match (to, detail) {
-            // the device's confirmations, the hot path: batched across the edge's sessions
-            (Status::Delivered | Status::Read, None) => {
-                self.edge
-                    .confirmations
-                    .apply(id, to, &self.device.device_id)
-                    .await?
-            }
-            _ => {
-                let ch = Change {
-                    message_id: id,
-                    to: Some(to),
-                    channel: Some("xmpp"),
-                    device_id: Some(&self.device.device_id),
-                    detail,
-                    command: None,
-                };
-                self.edge.store.change(&ch, now_ms()).await?
-            }
-        };
+    /// Records a status change this session saw (over XMPP, by this device), through the
+    /// edge's batched queue ([`crate::confirm`]).
+    async fn change(&mut self, id: &str, to: Status) -> Result<(), SessionError> {
+        let outcome = self
+            .edge
+            .confirmations
+            .apply(id, to, &self.device.device_id)
+            .await?;
         if let Transition::Applied(ev) = outcome {
             if to == Status::Delivered {
                 // message ids are UUIDv7: the acceptance time is in the id, so the metric
@@ -1100,7 +1082,7 @@ impl<W: AsyncRead + AsyncWrite + Unpin> Live<W> {
             message_id = %id
         );
         pushgate_runtime::telemetry::continue_message_trace(&span, &self.edge.store, id).await;
-        tracing::Instrument::instrument(self.change(id, Status::Delivered, None), span).await
+        tracing::Instrument::instrument(self.change(id, Status::Delivered), span).await
     }
 
     fn rate_ok(&mut self) -> bool {
@@ -1208,7 +1190,7 @@ impl<W: AsyncRead + AsyncWrite + Unpin> Live<W> {
             if let Some(id) = d.attr("id") {
                 if pushgate_core::MessageId::is_well_formed(id) {
                     self.inflight.remove(id);
-                    self.change(id, Status::Read, None).await?;
+                    self.change(id, Status::Read).await?;
                 }
             }
         }

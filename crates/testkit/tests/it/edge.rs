@@ -7,6 +7,20 @@ use pushgate_testkit::device::TestDevice;
 use pushgate_testkit::TestEnv;
 use serde_json::{json, Value};
 
+/// Sends an XEP-0357 `<enable/>` for `service` and `node` as iq `id`, and returns the answer.
+async fn push_enable(
+    dev: &mut TestDevice,
+    id: &str,
+    service: &str,
+    node: &str,
+) -> anyhow::Result<xmpp_edge::xml::Element> {
+    dev.send_raw(&format!(
+        "<iq type='set' id='{id}'><enable xmlns='urn:xmpp:push:0' jid='{service}' node='{node}'/></iq>"
+    ))
+    .await?;
+    dev.next_stanza().await
+}
+
 fn id_of(v: &Value) -> String {
     v["messages"][0]["id"]
         .as_str()
@@ -153,8 +167,7 @@ async fn devices_can_register_their_push_token_over_xmpp() -> anyhow::Result<()>
         }
     };
     assert_eq!(token_state(&env, key.clone()).await?, "none");
-    dev.send_raw("<iq type='set' id='e1'><enable xmlns='urn:xmpp:push:0' jid='fcm' node='fcm-token-123'/></iq>").await?;
-    let r = dev.next_stanza().await?;
+    let r = push_enable(&mut dev, "e1", "fcm", "fcm-token-123").await?;
     assert_eq!(
         (r.attr("id"), r.attr("type")),
         (Some("e1"), Some("result")),
@@ -162,11 +175,7 @@ async fn devices_can_register_their_push_token_over_xmpp() -> anyhow::Result<()>
     );
     assert_eq!(token_state(&env, key.clone()).await?, "valid");
     // the wrong service for the platform is refused
-    dev.send_raw(
-        "<iq type='set' id='e2'><enable xmlns='urn:xmpp:push:0' jid='apns' node='x'/></iq>",
-    )
-    .await?;
-    let r = dev.next_stanza().await?;
+    let r = push_enable(&mut dev, "e2", "apns", "x").await?;
     assert_eq!(r.attr("type"), Some("error"));
     dev.send_raw("<iq type='set' id='e3'><disable xmlns='urn:xmpp:push:0' jid='fcm'/></iq>")
         .await?;
@@ -179,10 +188,7 @@ async fn devices_can_register_their_push_token_over_xmpp() -> anyhow::Result<()>
         .register_device(&key, "i", "iphone", json!({"platform": "ios"}))
         .await?;
     let mut iphone = TestDevice::connect(env.xmpp_addr(), &jid, &pw).await?;
-    iphone
-        .send_raw("<iq type='set' id='i1'><enable xmlns='urn:xmpp:push:0' jid='apns' node='not-a-token'/></iq>")
-        .await?;
-    let r = iphone.next_stanza().await?;
+    let r = push_enable(&mut iphone, "i1", "apns", "not-a-token").await?;
     assert_eq!(
         (r.attr("id"), r.attr("type")),
         (Some("i1"), Some("error")),
@@ -190,12 +196,7 @@ async fn devices_can_register_their_push_token_over_xmpp() -> anyhow::Result<()>
     );
     assert!(format!("{r:?}").contains("bad-request"), "{r:?}");
     let hex = "a1".repeat(32);
-    iphone
-        .send_raw(&format!(
-            "<iq type='set' id='i2'><enable xmlns='urn:xmpp:push:0' jid='apns' node='{hex}'/></iq>"
-        ))
-        .await?;
-    let r = iphone.next_stanza().await?;
+    let r = push_enable(&mut iphone, "i2", "apns", &hex).await?;
     assert_eq!(
         (r.attr("id"), r.attr("type")),
         (Some("i2"), Some("result")),
