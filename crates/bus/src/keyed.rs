@@ -13,10 +13,11 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 type Senders<T> = Arc<Mutex<HashMap<String, mpsc::UnboundedSender<T>>>>;
@@ -172,6 +173,80 @@ impl Linger {
     }
 }
 
+/// One batch's work: takes the batch's items, answers each, in order.
+type RunBatch<T, R> = dyn Fn(Vec<T>) -> Pin<Box<dyn Future<Output = Vec<R>> + Send>> + Send + Sync;
+
+/// Calls from many tasks answered by one call per batch: the edge's confirmations and the
+/// router's targeting each turn many callers' Redis requests into one script call. Each
+/// caller waits for its own answer; one task (started on demand, ended when idle) gathers
+/// what is queued, and while busy what arrives within the [`Linger`], up to a maximum, and
+/// runs the batch.
+pub struct Batched<T, R> {
+    queues: KeyedQueues<(T, oneshot::Sender<R>)>,
+    linger: Duration,
+    max: usize,
+    run: Arc<RunBatch<T, R>>,
+}
+
+/// How long a [`Batched`] task waits for work before it ends.
+const BATCHED_IDLE: Duration = Duration::from_secs(10);
+
+impl<T: Send + 'static, R: Send + 'static> Batched<T, R> {
+    /// `run` answers a batch's items in their order, one answer each (when it answers another
+    /// number, every caller of that batch gets `None` from [`Batched::call`]); at most `max`
+    /// items per batch.
+    pub fn new<F, Fut>(linger: Duration, max: usize, run: F) -> Self
+    where
+        F: Fn(Vec<T>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Vec<R>> + Send + 'static,
+    {
+        Batched {
+            queues: KeyedQueues::new(),
+            linger,
+            max: max.max(1),
+            run: Arc::new(move |items| Box::pin(run(items))),
+        }
+    }
+
+    /// Queues `item` for the next batch and waits for its answer. `None`: the batch went
+    /// without answers (a `run` that answered another number of items, or panicked).
+    pub async fn call(&self, item: T) -> Option<R> {
+        let (tx, rx) = oneshot::channel();
+        let (linger, max, run) = (self.linger, self.max, self.run.clone());
+        self.queues.push("batched", (item, tx), move |queue| {
+            run_batches(queue, linger, max, run)
+        });
+        rx.await.ok()
+    }
+}
+
+/// [`Batched`]'s task: a batch at a time until idle.
+async fn run_batches<T, R>(
+    mut queue: Queue<(T, oneshot::Sender<R>)>,
+    linger: Duration,
+    max: usize,
+    run: Arc<RunBatch<T, R>>,
+) {
+    let mut linger = Linger::new(linger);
+    let mut batch = Vec::with_capacity(max);
+    while let Some(first) = queue.next(BATCHED_IDLE).await {
+        let until = linger.until(Instant::now());
+        batch.push(first);
+        queue.fill(&mut batch, max, until).await;
+        let (items, callers): (Vec<T>, Vec<oneshot::Sender<R>>) = batch.drain(..).unzip();
+        let answers = run(items).await;
+        linger.settled(Instant::now());
+        if answers.len() != callers.len() {
+            // which answer is whose cannot be told: none is given (each caller gets `None`)
+            continue;
+        }
+        for (caller, answer) in callers.into_iter().zip(answers) {
+            // the caller may have gone meanwhile (its task was dropped): nothing to tell
+            let _ = caller.send(answer);
+        }
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     match m.lock() {
         Ok(g) => g,
@@ -265,5 +340,58 @@ mod tests {
         let mut off = Linger::new(Duration::ZERO);
         off.settled(t0);
         assert_eq!(off.until(t0), None, "no linger never waits");
+    }
+
+    /// Callers queued together go in one batch and each gets its own answer; a batch that
+    /// answers fewer items than it got answers none, rather than give one caller another's
+    /// answer.
+    #[tokio::test]
+    async fn batched_calls_share_a_run_and_get_their_own_answers() {
+        let (seen_tx, mut seen) = mpsc::unbounded_channel();
+        let batched = Arc::new(Batched::new(Duration::ZERO, 3, move |items: Vec<u32>| {
+            let seen = seen_tx.clone();
+            async move {
+                let _ = seen.send(items.clone());
+                // answers all but an item 99
+                items
+                    .into_iter()
+                    .filter(|i| *i != 99)
+                    .map(|i| i * 10)
+                    .collect::<Vec<_>>()
+            }
+        }));
+        // five callers queued before the task runs: batches of at most three, in order
+        let calls: Vec<_> = (1..=5)
+            .map(|i| {
+                let b = batched.clone();
+                tokio::spawn(async move { b.call(i).await })
+            })
+            .collect();
+        let mut answers = Vec::new();
+        for c in calls {
+            answers.push(c.await.ok().flatten());
+        }
+        assert_eq!(
+            answers,
+            vec![Some(10), Some(20), Some(30), Some(40), Some(50)]
+        );
+        let mut batches = Vec::new();
+        while let Ok(b) = seen.try_recv() {
+            batches.push(b);
+        }
+        assert!(batches.iter().all(|b| b.len() <= 3), "{batches:?}");
+        assert_eq!(batches.concat(), vec![1, 2, 3, 4, 5]);
+        assert!(
+            batches.len() < 5,
+            "some callers shared a batch: {batches:?}"
+        );
+
+        let (a, b) = tokio::join!(batched.call(99), batched.call(4));
+        assert_eq!((a, b), (None, None), "one batch, one answer short");
+        assert_eq!(
+            batched.call(4).await,
+            Some(40),
+            "the next batch is answered"
+        );
     }
 }

@@ -482,6 +482,7 @@ async fn accept(ctx: &Ctx, app: &str, req: SendRequest) -> Result<SendResponse, 
         .map(|(m, _, _)| RouteCommand {
             message_id: m.id.clone(),
             purpose: "route".into(),
+            message: Some(Box::new(m.clone())),
         })
         .collect();
     // events first, so `enqueued` is on the stream before anything a router does with it
@@ -710,10 +711,7 @@ pub(crate) async fn cancel_message(ctx: &Ctx, app: &str, id: &str) -> Result<Can
             if let Err(e) = ctx.outbox.publish_events(&[ev]).await {
                 tracing::warn!(error = %e, "event publish deferred to the outbox sweeper");
             }
-            let cmd = RouteCommand {
-                message_id: id.to_string(),
-                purpose: "cancelled".into(),
-            };
+            let cmd = RouteCommand::new(id, "cancelled");
             if let Err(e) = ctx.outbox.publish_commands(&[cmd]).await {
                 tracing::warn!(error = %e, "command publish deferred to the outbox sweeper");
             }

@@ -11,6 +11,7 @@
 //!   whose writer died between its Redis write and its NATS publish.
 
 mod handover;
+mod targeting;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,10 +21,10 @@ use pushgate_bus::async_nats::jetstream::{self, AckKind};
 use pushgate_bus::payloads::{EdgeDeliver, PushRequest, SmsRequest};
 use pushgate_bus::{Bus, ConsumerName};
 use pushgate_core::time::now_ms;
-use pushgate_core::{BusEvent, Device, Status};
+use pushgate_core::{BusEvent, Device, Message, Status};
 use pushgate_runtime::outbox::{Outbox, RouteCommand};
 use pushgate_runtime::{CommonSettings, ConfigError, Metrics};
-use pushgate_store::{Store, StoredMessage};
+use pushgate_store::{RouteTarget, Store, StoredMessage, Targeted};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
@@ -123,6 +124,8 @@ struct Ctx {
     instance: String,
     /// Hand-overs to edges, batched per edge.
     handover: handover::Handover,
+    /// First routings' targeting, batched for the router.
+    targeting: targeting::Targeting,
     /// `concurrency` permits, one per command being handled: a stream message may carry a
     /// batch of commands, so counting messages alone would not bound the work in flight.
     commands: Arc<tokio::sync::Semaphore>,
@@ -153,6 +156,7 @@ impl Service {
         let instance = format!("router-{}", uuid::Uuid::new_v4().simple());
         let handover =
             handover::Handover::new(bus.clone(), Duration::from_millis(settings.edge_timeout_ms));
+        let targeting = targeting::Targeting::new(store.clone(), bus.batch_linger());
         let concurrency = settings.concurrency;
         Ok(Service {
             ctx: Arc::new(Ctx {
@@ -163,6 +167,7 @@ impl Service {
                 metrics,
                 instance,
                 handover,
+                targeting,
                 commands: Arc::new(tokio::sync::Semaphore::new(concurrency)),
             }),
             ops,
@@ -283,6 +288,19 @@ async fn handle_item(
 }
 
 async fn handle(ctx: &Ctx, cmd: &RouteCommand, attempt: u64) -> Result<(), RouterError> {
+    if let Some(msg) = carried(cmd) {
+        if let Some(user) = &msg.user_id {
+            // the common case in one batched store step: still open? then targeted
+            match ctx.targeting.target(msg, user).await? {
+                Targeted::Closed => return Ok(()),
+                Targeted::Devices(targets) => {
+                    return reach_targets(ctx, msg, &targets, attempt).await
+                }
+                // a device record the script cannot judge: the full path reports it
+                Targeted::Unjudged => {}
+            }
+        }
+    }
     let Some(m) = ctx.store.message(&cmd.message_id).await? else {
         // erased (user deleted) or past retention: nothing left to do
         return Ok(());
@@ -299,6 +317,18 @@ async fn handle(ctx: &Ctx, cmd: &RouteCommand, attempt: u64) -> Result<(), Route
             Ok(())
         }
     }
+}
+
+/// The message a first `route` command carries, when the router can route it from that copy:
+/// to a user, without a collapse key (the collapse claim comes before targeting, and reads
+/// the user's devices on its own). Anything else is read from the store.
+fn carried(cmd: &RouteCommand) -> Option<&Message> {
+    let m = cmd.message.as_deref()?;
+    (cmd.purpose == "route"
+        && m.id == cmd.message_id
+        && m.user_id.is_some()
+        && m.collapse_key.is_none())
+    .then_some(m)
 }
 
 /// First routing of a message. Safe to repeat: the pending queue is a set, edges ignore
@@ -332,13 +362,23 @@ async fn route(ctx: &Ctx, m: &StoredMessage, attempt: u64) -> Result<(), RouterE
     }
     // targets, pending queues and presence in one store round trip
     let targets = ctx.store.target_user_devices(msg, user).await?;
+    reach_targets(ctx, msg, &targets, attempt).await
+}
+
+/// Reaches every targeted device of a message (see [`reach_device`]).
+async fn reach_targets(
+    ctx: &Ctx,
+    msg: &Message,
+    targets: &[RouteTarget],
+    attempt: u64,
+) -> Result<(), RouterError> {
     if targets.is_empty() {
         tracing::info!(message_id = %msg.id, "no device to route to; the message waits for expiry");
         return Ok(());
     }
     let mut retry = None;
-    for t in &targets {
-        if let Some(e) = reach_device(ctx, m, &t.device, t.presence.as_ref(), attempt).await? {
+    for t in targets {
+        if let Some(e) = reach_device(ctx, msg, &t.device, t.presence.as_ref(), attempt).await? {
             retry = Some(e);
         }
     }
@@ -351,14 +391,13 @@ async fn route(ctx: &Ctx, m: &StoredMessage, attempt: u64) -> Result<(), RouterE
 /// redelivered and this device gets another chance at XMPP before falling back to a push.
 async fn reach_device(
     ctx: &Ctx,
-    m: &StoredMessage,
+    msg: &Message,
     d: &Device,
     presence: Option<&(String, String)>,
     attempt: u64,
 ) -> Result<Option<RouterError>, RouterError> {
-    let msg = &m.message;
     if let Some((edge, session)) = presence {
-        match hand_to_edge(ctx, edge, session, d, m).await {
+        match hand_to_edge(ctx, edge, session, d, msg).await {
             Ok(true) => return Ok(None),
             Ok(false) => {}
             // an overloaded edge: try again a few times before falling back to a push
@@ -403,19 +442,19 @@ async fn hand_to_edge(
     edge: &str,
     session: &str,
     d: &Device,
-    m: &StoredMessage,
+    msg: &Message,
 ) -> Result<bool, RouterError> {
     let req = EdgeDeliver {
         session_id: session.into(),
         device_id: d.device_id.clone(),
-        message: m.message.clone(),
+        message: msg.clone(),
     };
     ctx.handover
         .hand_over(edge, req)
         .await
         .map_err(|e| RouterError::EdgeBusy {
             edge: edge.into(),
-            message: m.message.id.clone(),
+            message: msg.id.clone(),
             detail: e.detail,
         })
 }
@@ -447,10 +486,7 @@ async fn collapse(
     if let pushgate_store::Transition::Applied(ev) = ctx.store.change(&change, now_ms()).await? {
         ctx.outbox.publish_events(&[ev]).await?;
         ctx.outbox
-            .publish_commands(&[RouteCommand {
-                message_id: victim.clone(),
-                purpose: "cancelled".into(),
-            }])
+            .publish_commands(&[RouteCommand::new(victim.clone(), "cancelled")])
             .await?;
     }
     Ok(victim == msg.id)
@@ -548,10 +584,7 @@ async fn clock_once(ctx: &Ctx) -> Result<(), RouterError> {
                 .iter()
                 .filter_map(|e| serde_json::from_str::<BusEvent>(e).ok())
                 .filter_map(|e| e.event.message_id)
-                .map(|id| RouteCommand {
-                    message_id: id,
-                    purpose: purpose.into(),
-                })
+                .map(|id| RouteCommand::new(id, purpose))
                 .collect();
             let n = events.len();
             ctx.outbox.publish_events(&events).await?;

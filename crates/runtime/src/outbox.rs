@@ -17,7 +17,7 @@ use std::borrow::Cow;
 use std::sync::{Arc, OnceLock};
 
 use pushgate_bus::Bus;
-use pushgate_core::EventKind;
+use pushgate_core::{EventKind, Message};
 use pushgate_store::{Store, StoreError};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -28,21 +28,34 @@ use crate::metrics::{Metrics, OutboxLabel};
 pub const ORPHAN_AFTER_MS: i64 = 5_000;
 
 /// A router command on `{ns}.msg.route`: look at this message for this purpose.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RouteCommand {
     pub message_id: String,
     /// `route` (first routing) or `expired`, `cancelled` (follow-ups: SMS fallback, retraction).
     pub purpose: String,
+    /// The message itself, as accepted: the ingress sends it with a message's first `route`
+    /// so the router need not read it back from Redis (one round trip per message fewer; the
+    /// router checks the stored status in its targeting step). A message's content never
+    /// changes after acceptance, so this copy is the stored one. Commands from the outbox
+    /// sweeper, the clock and cancellations carry none, and the router reads the message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<Box<Message>>,
 }
 
 impl RouteCommand {
+    /// A command without the message (the router reads it).
+    pub fn new(message_id: impl Into<String>, purpose: impl Into<String>) -> Self {
+        RouteCommand {
+            message_id: message_id.into(),
+            purpose: purpose.into(),
+            message: None,
+        }
+    }
+
     /// Parses an outbox member `{id}|{purpose}`.
     pub fn from_member(member: &str) -> Option<Self> {
         let (id, purpose) = member.split_once('|')?;
-        Some(RouteCommand {
-            message_id: id.to_string(),
-            purpose: purpose.to_string(),
-        })
+        Some(RouteCommand::new(id, purpose))
     }
 
     /// The outbox member for this command.

@@ -59,6 +59,10 @@ impl Keys {
     pub fn api_key(&self, key_hash: &str) -> String {
         format!("{}:apikey:{key_hash}", self.ns)
     }
+    /// Prefix of device records; scripts append `{app}:{device}`.
+    pub fn device_root(&self) -> String {
+        format!("{}:dev:", self.ns)
+    }
     pub fn device(&self, app: &str, device: &str) -> String {
         format!("{}:dev:{app}:{device}", self.ns)
     }
@@ -70,6 +74,10 @@ impl Keys {
     }
     pub fn seen(&self, app: &str, device: &str) -> String {
         format!("{}:seen:{app}:{device}", self.ns)
+    }
+    /// Prefix of presence records; scripts append `{app}:{device}`.
+    pub fn presence_root(&self) -> String {
+        format!("{}:presence:", self.ns)
     }
     pub fn presence(&self, app: &str, device: &str) -> String {
         format!("{}:presence:{app}:{device}", self.ns)

@@ -23,7 +23,8 @@ use redis::{AsyncCommands, Script};
 pub use ingress::KeyUse;
 pub use keys::Keys;
 pub use redis;
-pub use route::RouteTarget;
+pub use route::{RouteTarget, TargetRequest, Targeted};
+pub use session::CheckRequest;
 
 /// How long a finished message stays readable through the API.
 pub const MESSAGE_RETENTION_MS: i64 = 7 * 86_400_000;

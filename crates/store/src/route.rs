@@ -12,8 +12,9 @@
 use std::sync::LazyLock;
 
 use pushgate_core::{Device, Message};
-use redis::Script;
+use redis::{Script, Value};
 
+use crate::ingress::{server_error, unexpected};
 use crate::scripts::MGET_PREFIXED;
 use crate::{decode, Store, StoreError};
 
@@ -26,12 +27,13 @@ pub struct RouteTarget {
     pub presence: Option<(String, String)>,
 }
 
-/// Reads a user's devices, targets them and reads their presence, atomically.
+/// Reads a user's devices, targets them and reads their presence, atomically: the Lua
+/// function `target`, shared by the one-message script and the batched one.
 ///
-/// KEYS: the user's device set, the message hash.
-/// ARGV: device key prefix, pending queue prefix, presence prefix (all three end in
-/// `{app}:`), edge lease prefix, user id, message id, pending score, `1` when the message
-/// names one device (else `0`), that device id.
+/// `target(setkey, mkey, devp, pendp, presp, edgep, user, id, score, one, only)`: the user's
+/// device set, the message hash; the device key, pending queue and presence prefixes (all three
+/// end in `{app}:`), the edge lease prefix, the user id, the message id, its pending score, `1`
+/// when the message names one device (else `0`), that device id.
 ///
 /// The device, pending, presence and lease keys depend on the set's members, so they cannot
 /// be declared up front; like the other scripts, this one builds them from prefixes (Redis
@@ -44,7 +46,7 @@ pub struct RouteTarget {
 /// always did. Returns `{0, {}}` without writing anything when a record is not JSON with
 /// string `user_id` and `device_id`: the script cannot tell whether to target it, and the
 /// caller takes the step-by-step path, which reports the corruption exactly as before.
-const TARGET_USER_DEVICES_LUA: &str = r#"
+const TARGET_LUA: &str = r#"
 -- Lua compares strings with strcoll, and Redis sets LC_COLLATE from its environment: compare
 -- bytes, as Rust's String ordering does, so the order (and the targets field) never depends
 -- on the server's locale.
@@ -57,63 +59,132 @@ local function byte_less(a, b)
   return #a < #b
 end
 
-local ids = redis.call('SMEMBERS', KEYS[1])
-if #ids == 0 then return {1, {}} end
-table.sort(ids, byte_less)
+local function target(setkey, mkey, devp, pendp, presp, edgep, user, id, score, one, only)
+  local ids = redis.call('SMEMBERS', setkey)
+  if #ids == 0 then return {1, {}} end
+  table.sort(ids, byte_less)
 
-local raws = mget_prefixed(ARGV[1], ids)
+  local raws = mget_prefixed(devp, ids)
 
-local rows = {}
-local targets = {}
-for i = 1, #ids do
-  local raw = raws[i]
-  if raw then
-    local ok, d = pcall(cjson.decode, raw)
-    if not ok or type(d) ~= 'table' or type(d.user_id) ~= 'string' or type(d.device_id) ~= 'string' then
-      return {0, {}}
+  local rows = {}
+  local targets = {}
+  for i = 1, #ids do
+    local raw = raws[i]
+    if raw then
+      local ok, d = pcall(cjson.decode, raw)
+      if not ok or type(d) ~= 'table' or type(d.user_id) ~= 'string' or type(d.device_id) ~= 'string' then
+        return {0, {}}
+      end
+      local row = {ids[i], raw, '0', '0', '', ''}
+      if d.user_id == user and (one ~= '1' or d.device_id == only) then
+        row[3] = '1'
+        table.insert(targets, {d.device_id, row})
+      end
+      table.insert(rows, row)
     end
-    local row = {ids[i], raw, '0', '0', '', ''}
-    if d.user_id == ARGV[5] and (ARGV[8] ~= '1' or d.device_id == ARGV[9]) then
-      row[3] = '1'
-      table.insert(targets, {d.device_id, row})
-    end
-    table.insert(rows, row)
   end
-end
-if #targets == 0 then return {1, rows} end
+  if #targets == 0 then return {1, rows} end
 
-local names = {}
-for i, t in ipairs(targets) do names[i] = t[1] end
-redis.call('HSET', KEYS[2], 'targets', table.concat(names, ','))
-for _, t in ipairs(targets) do
-  redis.call('ZADD', ARGV[2] .. t[1], ARGV[7], ARGV[6])
-end
+  local names = {}
+  for i, t in ipairs(targets) do names[i] = t[1] end
+  redis.call('HSET', mkey, 'targets', table.concat(names, ','))
+  for _, t in ipairs(targets) do
+    redis.call('ZADD', pendp .. t[1], score, id)
+  end
 
-for _, t in ipairs(targets) do
-  local p = redis.call('GET', ARGV[3] .. t[1])
-  if p then
-    local slash = string.find(p, '/', 1, true)
-    if slash then
-      local edge = string.sub(p, 1, slash - 1)
-      if redis.call('EXISTS', ARGV[4] .. edge) == 1 then
-        t[2][4] = '1'
-        t[2][5] = edge
-        t[2][6] = string.sub(p, slash + 1)
+  for _, t in ipairs(targets) do
+    local p = redis.call('GET', presp .. t[1])
+    if p then
+      local slash = string.find(p, '/', 1, true)
+      if slash then
+        local edge = string.sub(p, 1, slash - 1)
+        if redis.call('EXISTS', edgep .. edge) == 1 then
+          t[2][4] = '1'
+          t[2][5] = edge
+          t[2][6] = string.sub(p, slash + 1)
+        end
       end
     end
   end
+  return {1, rows}
 end
-return {1, rows}
+"#;
+
+/// One message: [`TARGET_LUA`]'s `target` on the script's keys and arguments.
+///
+/// KEYS: the user's device set, the message hash.
+/// ARGV: device key prefix, pending queue prefix, presence prefix, edge lease prefix, user
+/// id, message id, pending score, one-device flag, that device id.
+const TARGET_USER_DEVICES_LUA: &str = r#"
+return target(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9])
+"#;
+
+/// Several messages at once (a router's batch of route commands): one request and one script
+/// run instead of one each. Each message is first checked to be still open (`enqueued` or
+/// `sent`), in the same step as its targeting: the router no longer reads the message before
+/// routing it when its route command carries it, and a message cancelled, expired or erased
+/// meanwhile must get no targets (an erased message must not get its hash back).
+///
+/// KEYS: two per message: the user's device set, the message hash.
+/// ARGV: device key root, pending queue root, presence root (each `{ns}:{family}:`, to which
+/// the script appends `{app}:`), edge lease prefix, then six per message: app id, user id,
+/// message id, pending score, one-device flag, that device id.
+/// Returns one entry per message: `{2, {}}` when it is gone or not open (nothing written),
+/// what `target` returns, or `{-1, error text}` when a command of that message failed (a key
+/// of the wrong type): that message alone fails, as it would have in its own call.
+const TARGET_MANY_LUA: &str = r#"
+local function target_open(setkey, mkey, devp, pendp, presp, edgep, user, id, score, one, only)
+  local st = redis.call('HGET', mkey, 'status')
+  if st ~= 'enqueued' and st ~= 'sent' then return {2, {}} end
+  return target(setkey, mkey, devp, pendp, presp, edgep, user, id, score, one, only)
+end
+local out = {}
+local n = (#ARGV - 4) / 6
+for i = 0, n - 1 do
+  local a = 4 + i * 6
+  local app = ARGV[a + 1] .. ':'
+  local ok, r = pcall(target_open, KEYS[1 + i * 2], KEYS[2 + i * 2], ARGV[1] .. app, ARGV[2] .. app, ARGV[3] .. app, ARGV[4], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5], ARGV[a + 6])
+  if ok then
+    out[i + 1] = r
+  elseif type(r) == 'table' and r.err then
+    out[i + 1] = {-1, r.err}
+  else
+    out[i + 1] = {-1, tostring(r)}
+  end
+end
+return out
 "#;
 
 /// Loaded once per process; `invoke_async` sends EVALSHA and loads the script on NOSCRIPT,
 /// like the store's other scripts. A static rather than a `Store` field keeps this module
 /// self-contained.
-static TARGET_USER_DEVICES: LazyLock<Script> =
-    LazyLock::new(|| Script::new(&format!("{MGET_PREFIXED}{TARGET_USER_DEVICES_LUA}")));
+static TARGET_USER_DEVICES: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        "{MGET_PREFIXED}{TARGET_LUA}{TARGET_USER_DEVICES_LUA}"
+    ))
+});
+/// As [`TARGET_USER_DEVICES`].
+static TARGET_MANY: LazyLock<Script> =
+    LazyLock::new(|| Script::new(&format!("{MGET_PREFIXED}{TARGET_LUA}{TARGET_MANY_LUA}")));
 
 /// One row of the script's answer: member id, record JSON, targeted, live, edge, session.
 type Row = (String, String, String, String, String, String);
+
+/// What [`Store::target_many`] found for one message.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Targeted {
+    /// The message is gone, or no longer `enqueued` or `sent`: nothing was written, and
+    /// there is nothing to route.
+    Closed,
+    /// Targeted: what [`Store::target_user_devices`] answers.
+    Devices(Vec<RouteTarget>),
+    /// A device record the script cannot judge: nothing was written. The caller takes the
+    /// step-by-step path ([`Store::target_user_devices`]), which reports it.
+    Unjudged,
+}
+
+/// One message for [`Store::target_many`]: the message and the user it goes to.
+pub type TargetRequest<'a> = (&'a Message, &'a str);
 
 impl Store {
     /// Targets the message at its user's devices (all of them, or the one it names) and
@@ -165,9 +236,14 @@ impl Store {
         if code != 1 {
             return Ok(None);
         }
+        self.targets_from(app, rows).map(Some)
+    }
+
+    /// The targeted devices of the script's rows, every record decoded as `user_devices`
+    /// decodes them (it fails on any corrupt one, targeted or not).
+    fn targets_from(&self, app: &str, rows: Vec<Row>) -> Result<Vec<RouteTarget>, StoreError> {
         let mut out = Vec::new();
         for (id, raw, targeted, live, edge, session) in rows {
-            // decode every record, targeted or not: `user_devices` fails on any corrupt one
             let device: Device = decode(&self.keys.device(app, &id), &raw)?;
             if targeted == "1" {
                 out.push(RouteTarget {
@@ -176,7 +252,59 @@ impl Store {
                 });
             }
         }
-        Ok(Some(out))
+        Ok(out)
+    }
+
+    /// Targets several messages in one round trip, each only if it is still open
+    /// (`enqueued` or `sent`): entry `i` is [`Targeted::Closed`], or what
+    /// [`Store::target_user_devices`]`(messages[i])` would have answered, its error included
+    /// ([`Targeted::Unjudged`] where that call would have taken its step-by-step path). The
+    /// outer error is one every message met (Redis unreachable). An empty list costs nothing.
+    pub async fn target_many(
+        &self,
+        messages: &[TargetRequest<'_>],
+    ) -> Result<Vec<Result<Targeted, StoreError>>, StoreError> {
+        if messages.is_empty() {
+            return Ok(vec![]);
+        }
+        let mut inv = TARGET_MANY.prepare_invoke();
+        inv.arg(self.keys.device_root())
+            .arg(self.keys.pending_root())
+            .arg(self.keys.presence_root())
+            // a key family's prefix is its key for the empty id, built by the same function
+            .arg(self.keys.edge(""));
+        for (m, user) in messages {
+            inv.key(self.keys.user_devices(&m.app_id, user))
+                .key(self.keys.msg(&m.id))
+                .arg(&m.app_id)
+                .arg(*user)
+                .arg(&m.id)
+                .arg(m.order_key())
+                .arg(if m.device_id.is_some() { "1" } else { "0" })
+                .arg(m.device_id.as_deref().unwrap_or(""));
+        }
+        let replies: Vec<(i64, Value)> = inv.invoke_async(&mut self.conn.clone()).await?;
+        if replies.len() != messages.len() {
+            return Err(unexpected("target_many"));
+        }
+        Ok(messages
+            .iter()
+            .zip(replies)
+            .map(|((m, _), (code, reply))| match code {
+                2 => Ok(Targeted::Closed),
+                0 => Ok(Targeted::Unjudged),
+                1 => {
+                    let rows: Vec<Row> =
+                        redis::from_redis_value(reply).map_err(redis::RedisError::from)?;
+                    self.targets_from(&m.app_id, rows).map(Targeted::Devices)
+                }
+                -1 => match reply {
+                    Value::BulkString(text) => Err(server_error(&text)),
+                    _ => Err(unexpected("target_many error")),
+                },
+                _ => Err(unexpected("target_many code")),
+            })
+            .collect())
     }
 
     /// The original sequence, for records the script cannot judge (see
@@ -409,6 +537,133 @@ mod tests {
             written(&s, &m, &["ok"]).await?,
             (Some("ok".into()), vec![Some(m.order_key() as f64)])
         );
+        s.delete_namespace().await?;
+        Ok(())
+    }
+
+    /// Marks a message's hash as holding `status`, as acceptance and later changes leave it.
+    async fn with_status(s: &Store, m: &Message, status: &str) -> Result<(), StoreError> {
+        let _: () = s.conn().hset(s.keys().msg(&m.id), "status", status).await?;
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn target_many_answers_each_message_as_target_user_devices() -> TestResult {
+        let s = store().await?;
+        const OTHER: &str = "app_fedcba9876543210fedcba9876";
+        for id in ["d1", "d2"] {
+            s.put_device(&device(id, "u"), None).await?;
+        }
+        s.put_device(&device("v1", "v"), None).await?;
+        let elsewhere = Device {
+            app_id: OTHER.into(),
+            ..device("o1", "u")
+        };
+        s.put_device(&elsewhere, None).await?;
+        s.set_presence(APP, "d2", "e/s", 5).await?;
+        s.renew_edge_lease("e", Duration::from_secs(30)).await?;
+        let mut c = s.conn();
+
+        // a pair of each case: one through `target_many`, its twin through the single call
+        let open = [message("u", None, 0), message("u", None, 1)];
+        let sent = [message("u", Some("d2"), 2), message("u", Some("d2"), 3)];
+        let nobody = [message("nobody", None, 4), message("nobody", None, 5)];
+        let other_app = [
+            Message {
+                app_id: OTHER.into(),
+                ..message("u", None, 6)
+            },
+            Message {
+                app_id: OTHER.into(),
+                ..message("u", None, 7)
+            },
+        ];
+        for m in open.iter().chain(&nobody).chain(&other_app) {
+            with_status(&s, m, "enqueued").await?;
+        }
+        for m in &sent {
+            with_status(&s, m, "sent").await?;
+        }
+        // closed: cancelled, and erased (no hash at all)
+        let cancelled = message("u", None, 8);
+        with_status(&s, &cancelled, "cancelled").await?;
+        let erased = message("u", None, 9);
+        // a wrong-type device set fails its message alone
+        let broken = message("w", None, 10);
+        with_status(&s, &broken, "enqueued").await?;
+        let _: () = c.set(s.keys().user_devices(APP, "w"), "x").await?;
+        // a record the script cannot judge
+        let unjudged = message("v", None, 11);
+        with_status(&s, &unjudged, "enqueued").await?;
+        let _: () = c.sadd(s.keys().user_devices(APP, "v"), "bad").await?;
+        let _: () = c.set(s.keys().device(APP, "bad"), "{not json").await?;
+
+        let asked: Vec<TargetRequest<'_>> = vec![
+            (&open[0], "u"),
+            (&cancelled, "u"),
+            (&sent[0], "u"),
+            (&broken, "w"),
+            (&nobody[0], "nobody"),
+            (&erased, "u"),
+            (&other_app[0], "u"),
+            (&unjudged, "v"),
+        ];
+        let got = s.target_many(&asked).await?;
+        assert_eq!(got.len(), asked.len());
+        for (i, twins) in [(0, &open), (2, &sent), (4, &nobody), (6, &other_app)] {
+            let Ok(Targeted::Devices(many)) = &got[i] else {
+                panic!("entry {i}: {:?}", got[i]);
+            };
+            let user = twins[1].user_id.as_deref().unwrap_or_default();
+            let single = s.target_user_devices(&twins[1], user).await?;
+            assert_eq!(many, &single, "entry {i}");
+            let devices = ["d1", "d2", "o1"];
+            let (t_many, scores_many) = written(&s, &twins[0], &devices).await?;
+            let (t_single, scores_single) = written(&s, &twins[1], &devices).await?;
+            assert_eq!(t_many, t_single, "entry {i}");
+            assert_eq!(
+                scores_many.iter().map(Option::is_some).collect::<Vec<_>>(),
+                scores_single
+                    .iter()
+                    .map(Option::is_some)
+                    .collect::<Vec<_>>(),
+                "entry {i}"
+            );
+        }
+        let Ok(Targeted::Devices(o)) = &got[0] else {
+            unreachable!()
+        };
+        assert_eq!(
+            o.iter()
+                .map(|t| (t.device.device_id.as_str(), t.presence.is_some()))
+                .collect::<Vec<_>>(),
+            vec![("d1", false), ("d2", true)]
+        );
+        let Ok(Targeted::Devices(o)) = &got[6] else {
+            unreachable!()
+        };
+        assert_eq!(o.len(), 1);
+        assert_eq!(o[0].device.app_id, OTHER);
+        assert_eq!(got[1].as_ref().ok(), Some(&Targeted::Closed));
+        assert_eq!(got[5].as_ref().ok(), Some(&Targeted::Closed));
+        assert_eq!(got[7].as_ref().ok(), Some(&Targeted::Unjudged));
+        let err = got[3].as_ref().err().map(ToString::to_string);
+        assert!(
+            err.as_deref().is_some_and(|e| e.contains("WRONGTYPE")),
+            "{err:?}"
+        );
+        // closed, erased and unjudged messages got nothing written; the erased one no hash
+        for m in [&cancelled, &unjudged] {
+            assert_eq!(
+                written(&s, m, &["d1", "d2"]).await?,
+                (None, vec![None, None])
+            );
+        }
+        assert!(!c.exists::<_, bool>(s.keys().msg(&erased.id)).await?);
+        assert_eq!(s.pending(APP, "d1", 100).await?.len(), 2);
+
+        // an empty batch costs nothing
+        assert!(s.target_many(&[]).await?.is_empty());
         s.delete_namespace().await?;
         Ok(())
     }

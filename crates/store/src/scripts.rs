@@ -208,38 +208,73 @@ return out
 /// script per message, and a message cannot expire or be cancelled between the check and
 /// `sent`. Otherwise nothing is written and the caller decides from what was read.
 ///
-/// KEYS: pending queue, msg, history, outbox:evt, expiry, outbox:cmd.
-/// ARGV: id, after (`'-inf'` or the mark), limit, pending_root, now_ms, now_txt, channel,
-/// device, expires_at_ms, open statuses (`,a,b,`).
+/// `check_send(pending queue, msg, history, outbox:evt, expiry, outbox:cmd, id, after
+/// (`'-inf'` or the mark), limit, pending_root, now_ms, now_txt, channel, device,
+/// expires_at_ms, open statuses (`,a,b,`))`; the one-check script takes the first six as its
+/// KEYS and the rest as its ARGV.
 /// Returns `{}` when not pending, else `{score, status, sent, event, older ids…}` where `sent`
 /// is `''` (not decided: the caller decides), `'1'` (`sent` applied; `event` is its event
 /// JSON) or `'0'` (write it, but `sent` was already recorded: no event).
-const PENDING_CHECK_SEND_BODY: &str = r#"
-local id = ARGV[1]
-local s = redis.call('ZSCORE', KEYS[1], id)
-if not s then return {} end
--- the message's state is read once, for this decision and for `sent` below
-local f = read_state(KEYS[2])
-local status = f[1] or ''
-local min = ARGV[2]
-if min ~= '-inf' then min = '(' .. min end
--- one more than the limit: the message itself may be among them
-local older = redis.call('ZRANGE', KEYS[1], min, s, 'BYSCORE', 'LIMIT', 0, tonumber(ARGV[3]) + 1)
-local out = {s, status, '', ''}
-local itself = false
-for _, o in ipairs(older) do
-  if o == id then itself = true else out[#out + 1] = o end
+const PENDING_CHECK_SEND_FN: &str = r#"
+local function check_send(pkey, mkey, hkey, evtkey, expkey, cmdkey, id, after, limit, pending_root, now_ms, now_txt, channel, device, expires, open)
+  local s = redis.call('ZSCORE', pkey, id)
+  if not s then return {} end
+  -- the message's state is read once, for this decision and for `sent` below
+  local f = read_state(mkey)
+  local status = f[1] or ''
+  local min = after
+  if min ~= '-inf' then min = '(' .. min end
+  -- one more than the limit: the message itself may be among them
+  local older = redis.call('ZRANGE', pkey, min, s, 'BYSCORE', 'LIMIT', 0, tonumber(limit) + 1)
+  local out = {s, status, '', ''}
+  local itself = false
+  for _, o in ipairs(older) do
+    if o == id then itself = true else out[#out + 1] = o end
+  end
+  -- `itself`: the message lies above the mark (a late one does not fall in (mark, s])
+  if itself and #out == 4 and status ~= ''
+      and string.find(open, ',' .. status .. ',', 1, true)
+      and tonumber(expires) > tonumber(now_ms) then
+    local r = apply_read(f, mkey, hkey, evtkey, expkey, cmdkey, pending_root, id, 'sent', now_ms, now_txt, channel, device, '', '')
+    if r[1] == 1 then
+      out[3] = '1'
+      out[4] = r[3]
+    else
+      out[3] = '0'
+    end
+  end
+  return out
 end
--- `itself`: the message lies above the mark (a late one does not fall in (mark, s])
-if itself and #out == 4 and status ~= ''
-    and string.find(ARGV[10], ',' .. status .. ',', 1, true)
-    and tonumber(ARGV[9]) > tonumber(ARGV[5]) then
-  local r = apply_read(f, KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], ARGV[4], id, 'sent', ARGV[5], ARGV[6], ARGV[7], ARGV[8], '', '')
-  if r[1] == 1 then
-    out[3] = '1'
-    out[4] = r[3]
+"#;
+
+/// One check: `check_send` on the script's keys and arguments.
+const PENDING_CHECK_SEND_BODY: &str = r#"
+return check_send(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10])
+"#;
+
+/// Several sessions' checks at one instant, each exactly as [`PENDING_CHECK_SEND_BODY`] would
+/// run it: a busy edge gets many hand-overs at once (the router batches them per edge), and
+/// one script call for all of their checks costs Redis one request and one script run
+/// instead of one each.
+///
+/// KEYS: outbox:evt, expiry, outbox:cmd, then pending queue, msg and history of each check.
+/// ARGV: pending_root, now_ms, now_txt, channel, open statuses, then five per check: id,
+/// after, limit, device, expires_at_ms.
+/// Returns one entry per check: `{'1', what check_send returns}`, or `{'-1', error text}`
+/// when a command of that check failed (a key of the wrong type): that check alone fails.
+const PENDING_CHECK_SEND_MANY_BODY: &str = r#"
+local out = {}
+local n = (#ARGV - 5) / 5
+for i = 0, n - 1 do
+  local a = 5 + i * 5
+  local k = 3 + i * 3
+  local ok, r = pcall(check_send, KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[1], KEYS[2], KEYS[3], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[a + 4], ARGV[a + 5], ARGV[5])
+  if ok then
+    out[i + 1] = {'1', r}
+  elseif type(r) == 'table' and r.err then
+    out[i + 1] = {'-1', r.err}
   else
-    out[3] = '0'
+    out[i + 1] = {'-1', tostring(r)}
   end
 end
 return out
@@ -304,7 +339,15 @@ pub fn change_many() -> String {
 /// The full source of the hand-over check that also records `sent`.
 pub fn pending_check_send() -> String {
     format!(
-        "{}{PRELUDE_BODY}{PENDING_CHECK_SEND_BODY}",
+        "{}{PRELUDE_BODY}{PENDING_CHECK_SEND_FN}{PENDING_CHECK_SEND_BODY}",
+        transition_table_lua()
+    )
+}
+
+/// The full source of the batched hand-over check.
+pub fn pending_check_send_many() -> String {
+    format!(
+        "{}{PRELUDE_BODY}{PENDING_CHECK_SEND_FN}{PENDING_CHECK_SEND_MANY_BODY}",
         transition_table_lua()
     )
 }

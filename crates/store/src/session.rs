@@ -10,14 +10,18 @@
 use std::sync::LazyLock;
 
 use pushgate_core::Status;
-use redis::Script;
+use redis::{Script, Value};
 
+use crate::ingress::{server_error, unexpected};
 use crate::{scripts, Store, StoreError};
 
 /// The script, hashed once per process (the `Store` struct holds the scripts every service
 /// uses; this one only the edge needs).
 static PENDING_CHECK_SEND: LazyLock<Script> =
     LazyLock::new(|| Script::new(&scripts::pending_check_send()));
+/// As [`PENDING_CHECK_SEND`].
+static PENDING_CHECK_SEND_MANY: LazyLock<Script> =
+    LazyLock::new(|| Script::new(&scripts::pending_check_send_many()));
 
 /// The open statuses as the send script matches them (`,a,b,`).
 static OPEN: LazyLock<String> = LazyLock::new(|| {
@@ -41,6 +45,18 @@ pub struct PendingCheck {
     pub older: Vec<String>,
     /// Set when the check found the message to be the session's next one and recorded `sent`: the caller writes the stanza and publishes the event, if any.
     pub sent: Option<Sent>,
+}
+
+/// One session's check for [`Store::pending_check_send_many`]: the arguments of
+/// [`Store::pending_check_send`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckRequest {
+    pub app: String,
+    pub device: String,
+    pub id: String,
+    pub after: Option<f64>,
+    pub limit: usize,
+    pub expires_at: i64,
 }
 
 /// `sent` recorded by [`Store::pending_check_send`].
@@ -115,6 +131,62 @@ impl Store {
             .invoke_async(&mut self.conn.clone())
             .await?;
         parse_check(&self.keys.msg(id), &pending, raw)
+    }
+
+    /// Several sessions' [`Store::pending_check_send`] at `now_ms` in one round trip: entry
+    /// `i` is what that call answers for `checks[i]`, its error included. The outer error is
+    /// one every check met (Redis unreachable). An empty list costs nothing.
+    pub async fn pending_check_send_many(
+        &self,
+        checks: &[CheckRequest],
+        now_ms: i64,
+    ) -> Result<Vec<Result<Option<PendingCheck>, StoreError>>, StoreError> {
+        if checks.is_empty() {
+            return Ok(vec![]);
+        }
+        let mut inv = PENDING_CHECK_SEND_MANY.prepare_invoke();
+        inv.key(self.keys.outbox_evt())
+            .key(self.keys.expiry())
+            .key(self.keys.outbox_cmd())
+            .arg(self.keys.pending_root())
+            .arg(now_ms)
+            .arg(pushgate_core::time::rfc3339(now_ms))
+            .arg("xmpp")
+            .arg(OPEN.as_str());
+        for c in checks {
+            inv.key(self.keys.pending(&c.app, &c.device))
+                .key(self.keys.msg(&c.id))
+                .key(self.keys.history(&c.id))
+                .arg(&c.id)
+                .arg(match c.after {
+                    None => "-inf".to_string(),
+                    Some(a) => a.to_string(),
+                })
+                .arg(c.limit)
+                .arg(&c.device)
+                .arg(c.expires_at);
+        }
+        let replies: Vec<(String, Value)> = inv.invoke_async(&mut self.conn.clone()).await?;
+        if replies.len() != checks.len() {
+            return Err(unexpected("pending_check_send_many"));
+        }
+        Ok(checks
+            .iter()
+            .zip(replies)
+            .map(|(c, (code, reply))| match (code.as_str(), reply) {
+                ("1", reply) => {
+                    let raw: Vec<String> =
+                        redis::from_redis_value(reply).map_err(redis::RedisError::from)?;
+                    parse_check(
+                        &self.keys.msg(&c.id),
+                        &self.keys.pending(&c.app, &c.device),
+                        raw,
+                    )
+                }
+                ("-1", Value::BulkString(text)) => Err(server_error(&text)),
+                _ => Err(unexpected("pending_check_send_many entry")),
+            })
+            .collect())
     }
 }
 
@@ -282,6 +354,119 @@ mod tests {
             .await?
             .ok_or("pending")?;
         assert_eq!((c.status, c.sent), (None, None));
+        s.delete_namespace().await?;
+        Ok(())
+    }
+
+    /// Score, status, older ids' positions, what happened to `sent`.
+    type Shape = (f64, Option<Status>, Vec<usize>, String);
+
+    /// What a check says, with ids replaced by their position in `ids`, an applied `sent`'s
+    /// event by its kind and an error by its text without the script's name (which a failing
+    /// `redis.call` adds to the one-check script's error): twins on two devices compare equal.
+    fn shape(
+        r: &Result<Option<PendingCheck>, StoreError>,
+        ids: &[&str],
+    ) -> Result<Option<Shape>, String> {
+        match r {
+            Err(e) => Err(e
+                .to_string()
+                .split(" script:")
+                .next()
+                .unwrap_or_default()
+                .to_string()),
+            Ok(None) => Ok(None),
+            Ok(Some(c)) => Ok(Some((
+                c.score,
+                c.status,
+                c.older
+                    .iter()
+                    .map(|o| ids.iter().position(|i| i == o).unwrap_or(usize::MAX))
+                    .collect(),
+                match &c.sent {
+                    None => "none".into(),
+                    Some(Sent::Already) => "already".into(),
+                    Some(Sent::Applied(ev)) => serde_json::from_str::<pushgate_core::BusEvent>(ev)
+                        .map(|e| format!("applied {:?}", e.event.event))
+                        .unwrap_or_else(|e| e.to_string()),
+                },
+            ))),
+        }
+    }
+
+    #[tokio::test]
+    async fn many_checks_answer_as_one_check_each() -> Result<(), Box<dyn std::error::Error>> {
+        let s = store().await?;
+        let t = pushgate_core::time::now_ms();
+        let later = t + 3_600_000;
+        // twins: the same acceptance times, one set queued for "d", one for "e"
+        let on_d: Vec<Message> = (0..3).map(|i| message(t + i, 1)).collect();
+        let on_e: Vec<Message> = (0..3).map(|i| message(t + i, 1)).collect();
+        accept(&s, &on_d, "d").await?;
+        accept(&s, &on_e, "e").await?;
+        let _: () =
+            redis::AsyncCommands::set(&mut s.conn(), s.keys().pending(APP, "w"), "x").await?;
+        let key = |m: &Message| m.order_key() as f64;
+        // (message index or none, device, mark): older ones wait; the next one; a wrong-type
+        // queue; above a mark; an unknown id; the first again (already sent)
+        let plan: [(Option<usize>, Option<&str>, Option<usize>); 6] = [
+            (Some(2), None, None),
+            (Some(0), None, None),
+            (Some(1), Some("w"), None),
+            (Some(1), None, Some(0)),
+            (None, None, None),
+            (Some(0), None, None),
+        ];
+        let asked = |msgs: &[Message], dev: &str| -> Vec<CheckRequest> {
+            plan.iter()
+                .map(|(i, other, mark)| CheckRequest {
+                    app: APP.into(),
+                    device: other.unwrap_or(dev).into(),
+                    id: i.map_or_else(|| "nope".to_string(), |i| msgs[i].id.clone()),
+                    after: mark.map(|m| key(&msgs[m])),
+                    limit: 10,
+                    expires_at: later,
+                })
+                .collect()
+        };
+        let mut one_each = Vec::new();
+        for c in asked(&on_d, "d") {
+            one_each.push(
+                s.pending_check_send(&c.app, &c.device, &c.id, c.after, c.limit, c.expires_at, t)
+                    .await,
+            );
+        }
+        let many = s.pending_check_send_many(&asked(&on_e, "e"), t).await?;
+        let d_ids: Vec<&str> = on_d.iter().map(|m| m.id.as_str()).collect();
+        let e_ids: Vec<&str> = on_e.iter().map(|m| m.id.as_str()).collect();
+        let one_each: Vec<_> = one_each.iter().map(|r| shape(r, &d_ids)).collect();
+        let many: Vec<_> = many.iter().map(|r| shape(r, &e_ids)).collect();
+        assert_eq!(many, one_each);
+        // and what that is
+        assert_eq!(
+            many[0]
+                .as_ref()
+                .ok()
+                .and_then(|c| c.as_ref())
+                .map(|c| c.2.clone()),
+            Some(vec![0, 1])
+        );
+        assert!(many[1]
+            .as_ref()
+            .is_ok_and(|c| c.as_ref().is_some_and(|c| c.3.starts_with("applied"))));
+        assert!(
+            many[2].as_ref().is_err_and(|e| e.contains("WRONGTYPE")),
+            "{:?}",
+            many[2]
+        );
+        assert!(many[3]
+            .as_ref()
+            .is_ok_and(|c| c.as_ref().is_some_and(|c| c.3.starts_with("applied"))));
+        assert_eq!(many[4], Ok(None));
+        assert!(many[5]
+            .as_ref()
+            .is_ok_and(|c| c.as_ref().is_some_and(|c| c.3 == "already")));
+        assert!(s.pending_check_send_many(&[], t).await?.is_empty());
         s.delete_namespace().await?;
         Ok(())
     }

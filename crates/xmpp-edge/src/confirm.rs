@@ -11,45 +11,46 @@
 
 use std::time::Duration;
 
-use pushgate_bus::keyed::{KeyedQueues, Linger, Queue};
+use pushgate_bus::keyed::Batched;
 use pushgate_core::time::now_ms;
 use pushgate_core::Status;
 use pushgate_store::{Change, Store, StoreError, Transition};
-use tokio::sync::oneshot;
-use tokio::time::Instant;
 
 /// Most confirmations in one script call (bounds the script's time and its reply).
 const MAX_BATCH: usize = 64;
 
-/// How long the queue's task waits for work before it ends (the next confirmation starts a
-/// new one).
-const IDLE: Duration = Duration::from_secs(10);
-
-/// The edge has one queue: every session's confirmations share it.
-const KEY: &str = "confirmations";
-
-struct Item {
-    message_id: String,
-    to: Status,
-    device_id: String,
-    done: oneshot::Sender<Result<Transition, StoreError>>,
-}
+/// One confirmation: the message, its new status, the device.
+type Item = (String, Status, String);
 
 /// The edge's confirmation queue.
 pub(crate) struct Confirmations {
-    store: Store,
-    linger: Duration,
-    queue: KeyedQueues<Item>,
+    batched: Batched<Item, Result<Transition, StoreError>>,
 }
 
 impl Confirmations {
     /// `linger`: the bus's batch linger (`common.batch_linger_us`).
     pub(crate) fn new(store: Store, linger: Duration) -> Self {
-        Confirmations {
-            store,
-            linger,
-            queue: KeyedQueues::new(),
-        }
+        let batched = Batched::new(linger, MAX_BATCH, move |items: Vec<Item>| {
+            let store = store.clone();
+            async move {
+                let changes: Vec<Change<'_>> = items
+                    .iter()
+                    .map(|(message_id, to, device_id)| Change {
+                        message_id,
+                        to: Some(*to),
+                        channel: Some("xmpp"),
+                        device_id: Some(device_id),
+                        detail: None,
+                        command: None,
+                    })
+                    .collect();
+                match store.change_many(&changes, now_ms()).await {
+                    Ok(outcomes) => outcomes,
+                    Err(e) => items.iter().map(|_| Err(e.for_another())).collect(),
+                }
+            }
+        });
+        Confirmations { batched }
     }
 
     /// Applies `to` (`delivered`, `read`, `sent`) for the message on `device_id`'s XMPP
@@ -60,58 +61,9 @@ impl Confirmations {
         to: Status,
         device_id: &str,
     ) -> Result<Transition, StoreError> {
-        let (done, rx) = oneshot::channel();
-        let item = Item {
-            message_id: message_id.to_string(),
-            to,
-            device_id: device_id.to_string(),
-            done,
-        };
-        let (store, linger) = (self.store.clone(), self.linger);
-        self.queue
-            .push(KEY, item, move |queue| apply_batches(store, linger, queue));
-        match rx.await {
-            Ok(outcome) => outcome,
-            // the task never drops an item unanswered; if it panicked, say so
-            Err(_) => Err(StoreError::client("the confirmation task stopped")),
-        }
-    }
-}
-
-/// Applies the queued confirmations a batch at a time until idle for [`IDLE`].
-async fn apply_batches(store: Store, linger: Duration, mut queue: Queue<Item>) {
-    let mut linger = Linger::new(linger);
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    while let Some(first) = queue.next(IDLE).await {
-        let until = linger.until(Instant::now());
-        batch.push(first);
-        queue.fill(&mut batch, MAX_BATCH, until).await;
-        let changes: Vec<Change<'_>> = batch
-            .iter()
-            .map(|i| Change {
-                message_id: &i.message_id,
-                to: Some(i.to),
-                channel: Some("xmpp"),
-                device_id: Some(&i.device_id),
-                detail: None,
-                command: None,
-            })
-            .collect();
-        let outcomes = store.change_many(&changes, now_ms()).await;
-        drop(changes);
-        linger.settled(Instant::now());
-        match outcomes {
-            Ok(outcomes) => {
-                for (item, outcome) in batch.drain(..).zip(outcomes) {
-                    // the session may have ended meanwhile: nothing to tell
-                    let _ = item.done.send(outcome);
-                }
-            }
-            Err(e) => {
-                for item in batch.drain(..) {
-                    let _ = item.done.send(Err(e.for_another()));
-                }
-            }
-        }
+        self.batched
+            .call((message_id.to_string(), to, device_id.to_string()))
+            .await
+            .unwrap_or_else(|| Err(StoreError::client("the confirmation batch went unanswered")))
     }
 }

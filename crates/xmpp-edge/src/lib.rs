@@ -9,6 +9,7 @@
 //! until the device confirms it (XEP-0184 receipt or XEP-0198 ack). A dropped connection or a
 //! crashed edge therefore loses nothing: the next session drains the pending queue.
 
+mod check;
 mod confirm;
 pub mod mailbox;
 pub mod sasl;
@@ -289,6 +290,8 @@ pub struct Edge {
     sessions: Mutex<Registry>,
     /// Sessions' status changes (devices' confirmations), applied in batches ([`confirm`]).
     confirmations: confirm::Confirmations,
+    /// Sessions' hand-over checks, run in batches ([`check`]).
+    checks: check::Checks,
 }
 
 impl Edge {
@@ -458,6 +461,7 @@ impl Service {
             .unwrap_or_else(|| format!("e{}", &uuid::Uuid::new_v4().simple().to_string()[..12]));
         let outbox = Outbox::new(bus.clone(), store.clone(), metrics.clone());
         let confirmations = confirm::Confirmations::new(store.clone(), bus.batch_linger());
+        let checks = check::Checks::new(store.clone(), bus.batch_linger());
         let edge = Arc::new(Edge {
             settings,
             domain: common.xmpp_domain.clone(),
@@ -469,6 +473,7 @@ impl Service {
             tls,
             sessions: Mutex::new(Registry::default()),
             confirmations,
+            checks,
         });
         Ok(Service {
             edge,

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use pushgate_core::time::now_ms;
 use pushgate_core::{Device, Message, Status};
 use pushgate_store::session::Sent;
+use pushgate_store::CheckRequest;
 use pushgate_store::Transition;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
@@ -703,11 +704,12 @@ impl<W: AsyncRead + AsyncWrite + Unpin> Live<W> {
     /// considered yet.
     ///
     /// One script tells whether `m` still waits, its status, and the ids queued between the
-    /// session's mark and `m` ([`pushgate_store::Store::pending_check_send`]). When none are
-    /// queued there, `m` is the only message to write, and its body is the one in hand (a
-    /// message's body never changes after acceptance), so the script records `sent` at once
-    /// and the stanza is written: one round trip for the check and the transition, where the
-    /// whole-queue scan took three or more and a separate `sent` one more. When the ids listed
+    /// session's mark and `m` ([`pushgate_store::Store::pending_check_send`], run in a batch
+    /// with other sessions' checks by [`crate::check`]). When none are queued there, `m` is
+    /// the only message to write, and its body is the one in hand (a message's body never
+    /// changes after acceptance), so the script records `sent` at once and the stanza is
+    /// written: one script run for the check and the transition, where the whole-queue scan
+    /// took three round trips or more and a separate `sent` one more. When the ids listed
     /// are all in flight on this session, the message is written and `sent` recorded after.
     /// Everything else falls back to the page-by-page scan, which reads each message's status
     /// just before writing it:
@@ -727,20 +729,15 @@ impl<W: AsyncRead + AsyncWrite + Unpin> Live<W> {
         let mark = self.mark();
         // the common case (the message is the next one to write) records `sent` in the same
         // round trip; anything else is decided below from what the check read
-        let Some(mut check) = self
-            .edge
-            .store
-            .pending_check_send(
-                &self.device.app_id,
-                &self.device.device_id,
-                &m.id,
-                mark,
-                PENDING_PAGE,
-                m.expires_at,
-                now_ms(),
-            )
-            .await?
-        else {
+        let ask = CheckRequest {
+            app: self.device.app_id.clone(),
+            device: self.device.device_id.clone(),
+            id: m.id.clone(),
+            after: mark,
+            limit: PENDING_PAGE,
+            expires_at: m.expires_at,
+        };
+        let Some(mut check) = self.edge.checks.check(ask).await? else {
             // delivered, expired or cancelled meanwhile: never show it
             return Ok(());
         };

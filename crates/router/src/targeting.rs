@@ -1,0 +1,54 @@
+//! Route commands' targeting, applied to the store in batches for the whole router.
+//!
+//! Every first routing of a message to a user targets the user's devices: one Redis request
+//! and one script run per message when done command by command. A router handles many
+//! commands at once (a stream message carries a batch of them), so their targeting goes
+//! through one queue whose task targets what is queued (and, while busy, what arrives within
+//! the bus's batch linger) with one [`Store::target_many`]. Each command still waits for its
+//! own outcome and then does exactly what it did after its own targeting: hand over to the
+//! live sessions, or request a native push.
+
+use std::time::Duration;
+
+use pushgate_bus::keyed::Batched;
+use pushgate_core::Message;
+use pushgate_store::{Store, StoreError, TargetRequest, Targeted};
+
+/// Most messages in one script call (bounds the script's time and its reply).
+const MAX_BATCH: usize = 64;
+
+/// The router's targeting queue.
+pub(crate) struct Targeting {
+    batched: Batched<(Message, String), Result<Targeted, StoreError>>,
+}
+
+impl Targeting {
+    /// `linger`: the bus's batch linger (`common.batch_linger_us`).
+    pub(crate) fn new(store: Store, linger: Duration) -> Self {
+        let batched = Batched::new(linger, MAX_BATCH, move |items: Vec<(Message, String)>| {
+            let store = store.clone();
+            async move {
+                let asked: Vec<TargetRequest<'_>> =
+                    items.iter().map(|(m, user)| (m, user.as_str())).collect();
+                match store.target_many(&asked).await {
+                    Ok(outcomes) => outcomes,
+                    Err(e) => items.iter().map(|_| Err(e.for_another())).collect(),
+                }
+            }
+        });
+        Targeting { batched }
+    }
+
+    /// Targets `message` at `user`'s devices if it is still open, in the next batch: what
+    /// [`Store::target_many`] answers for it alone.
+    pub(crate) async fn target(
+        &self,
+        message: &Message,
+        user: &str,
+    ) -> Result<Targeted, StoreError> {
+        self.batched
+            .call((message.clone(), user.to_string()))
+            .await
+            .unwrap_or_else(|| Err(StoreError::client("the targeting batch went unanswered")))
+    }
+}
