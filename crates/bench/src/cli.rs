@@ -259,6 +259,12 @@ pub struct Args {
     #[arg(long, value_name = "N")]
     pub jetstream_hop: Option<u64>,
 
+    /// Send over HTTP/1.1, one keep-alive connection per request in flight, instead of
+    /// HTTP/2 streams on one connection (what the client negotiates by default). Backends
+    /// use either; the two cost the suite different CPU per request (docs/benchmarks.md).
+    #[arg(long)]
+    pub http1: bool,
+
     /// Listen address of the local webhook receiver (plain HTTP).
     #[arg(long, default_value = "127.0.0.1:0", value_name = "ADDR")]
     pub webhook_listen: String,

@@ -134,8 +134,9 @@ impl Target {
         let suite = Suite::start(s.clone(), bus.clone(), store.clone(), Metrics::new())
             .await
             .context("starting the suite in-process")?;
+        let pem = std::fs::read(pushgate_testkit::certs()?.ca)?;
         let api = Arc::new(Api::new(
-            pushgate_testkit::http_client()?,
+            http_client(&pem, args.http1)?,
             &format!("https://localhost:{}", suite.addresses.api.port()),
         ));
         let roots = Arc::unwrap_or_clone(pushgate_testkit::root_store()?);
@@ -147,8 +148,9 @@ impl Target {
                 .with_context(|| format!("{name:?} is not a TLS server name"))?,
             edge_pid: None,
             description: format!(
-                "in-process suite, namespace {namespace}, NATS {nats}, batch linger {} µs",
-                s.common.batch_linger_us
+                "in-process suite, namespace {namespace}, NATS {nats}, batch linger {} µs, {}",
+                s.common.batch_linger_us,
+                http_version(args.http1)
             ),
             backend: Backend::Pushgate {
                 api,
@@ -164,10 +166,7 @@ impl Target {
         };
         let roots = read_roots(ca)?;
         let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
-        let http = reqwest::Client::builder()
-            .tls_certs_only([reqwest::Certificate::from_pem(&pem)?])
-            .timeout(HTTP_TIMEOUT)
-            .build()?;
+        let http = http_client(&pem, args.http1)?;
         let addr = tokio::net::lookup_host(xmpp.as_str())
             .await
             .with_context(|| format!("resolving {xmpp}"))?
@@ -184,7 +183,10 @@ impl Target {
             server_name: ServerName::try_from(name.clone())
                 .with_context(|| format!("{name:?} is not a TLS server name"))?,
             edge_pid: args.edge_pid,
-            description: format!("running suite at {api}, XMPP {addr}"),
+            description: format!(
+                "running suite at {api}, XMPP {addr}, {}",
+                http_version(args.http1)
+            ),
             backend: Backend::Pushgate {
                 api: Arc::new(Api::new(http, api)),
                 admin_token: token.clone(),
@@ -236,4 +238,24 @@ fn read_roots(ca: &std::path::Path) -> anyhow::Result<rustls::RootCertStore> {
             .context("adding the CA")?;
     }
     Ok(roots)
+}
+
+/// The API client: trusting the CA in `pem`; HTTP/1.1 only with `http1`, else HTTP/2 when
+/// the server offers it.
+fn http_client(pem: &[u8], http1: bool) -> anyhow::Result<reqwest::Client> {
+    pushgate_runtime::tls::install_crypto_provider();
+    let b = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(pem)?])
+        .timeout(HTTP_TIMEOUT);
+    let b = if http1 { b.http1_only() } else { b };
+    Ok(b.build()?)
+}
+
+/// How the API client talks, for the report.
+fn http_version(http1: bool) -> &'static str {
+    if http1 {
+        "HTTP/1.1 (one connection per request in flight)"
+    } else {
+        "HTTP/2 (requests as streams of one connection)"
+    }
 }

@@ -1,7 +1,8 @@
 //! Per-key work queues, each drained by its own task that ends once idle.
 //!
 //! The suite's group commits have this shape: the per-subject publisher ([`crate::batch`]),
-//! the router's per-edge hand-overs and the edge's confirmations. Whatever is queued for a key
+//! the router's per-edge hand-overs, and through [`Batched`] the edge's confirmations and
+//! hand-over checks and the router's targeting. Whatever is queued for a key
 //! while its task is busy goes out together next time; keys come and go (apps, edges), so an
 //! idle task removes its queue and ends, and the next item for that key starts a new one.
 //!
