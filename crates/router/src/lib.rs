@@ -156,7 +156,7 @@ impl Service {
         let instance = format!("router-{}", uuid::Uuid::new_v4().simple());
         let handover =
             handover::Handover::new(bus.clone(), Duration::from_millis(settings.edge_timeout_ms));
-        let targeting = targeting::Targeting::new(store.clone(), bus.batch_linger());
+        let targeting = targeting::Targeting::new(store.clone());
         let concurrency = settings.concurrency;
         Ok(Service {
             ctx: Arc::new(Ctx {

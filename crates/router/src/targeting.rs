@@ -3,10 +3,14 @@
 //! Every first routing of a message to a user targets the user's devices: one Redis request
 //! and one script run per message when done command by command. A router handles many
 //! commands at once (a stream message carries a batch of them), so their targeting goes
-//! through one queue whose task targets what is queued (and, while busy, what arrives within
-//! the bus's batch linger) with one [`Store::target_many`]. Each command still waits for its
-//! own outcome and then does exactly what it did after its own targeting: hand over to the
-//! live sessions, or request a native push.
+//! through one queue whose task targets what is queued with one [`Store::target_many`]. Each
+//! command still waits for its own outcome and then does exactly what it did after its own
+//! targeting: hand over to the live sessions, or request a native push.
+//!
+//! Unlike the bus's publishes, a batch here does not linger for more items: a script's cost
+//! is in its items, not in its request (measured: the same CPU per message with or without
+//! batching, docs/benchmarks.md, fifth session), so waiting would only add latency. Under
+//! load, what queues while a batch is in Redis makes the next batch.
 
 use std::time::Duration;
 
@@ -23,19 +27,22 @@ pub(crate) struct Targeting {
 }
 
 impl Targeting {
-    /// `linger`: the bus's batch linger (`common.batch_linger_us`).
-    pub(crate) fn new(store: Store, linger: Duration) -> Self {
-        let batched = Batched::new(linger, MAX_BATCH, move |items: Vec<(Message, String)>| {
-            let store = store.clone();
-            async move {
-                let asked: Vec<TargetRequest<'_>> =
-                    items.iter().map(|(m, user)| (m, user.as_str())).collect();
-                match store.target_many(&asked).await {
-                    Ok(outcomes) => outcomes,
-                    Err(e) => items.iter().map(|_| Err(e.for_another())).collect(),
+    pub(crate) fn new(store: Store) -> Self {
+        let batched = Batched::new(
+            Duration::ZERO,
+            MAX_BATCH,
+            move |items: Vec<(Message, String)>| {
+                let store = store.clone();
+                async move {
+                    let asked: Vec<TargetRequest<'_>> =
+                        items.iter().map(|(m, user)| (m, user.as_str())).collect();
+                    match store.target_many(&asked).await {
+                        Ok(outcomes) => outcomes,
+                        Err(e) => items.iter().map(|_| Err(e.for_another())).collect(),
+                    }
                 }
-            }
-        });
+            },
+        );
         Targeting { batched }
     }
 

@@ -5,9 +5,10 @@
 //! the message is simply the next one ([`Store::pending_check_send`]). That is a Redis request
 //! and a script run per message when each session asks on its own. The router hands an edge
 //! many messages at once, so the sessions' checks go through one queue whose task runs what
-//! is queued (and, while busy, what arrives within the bus's batch linger) with one
-//! [`Store::pending_check_send_many`]. Each session still waits for its own answer and then
-//! does exactly what it did after its own check.
+//! is queued with one [`Store::pending_check_send_many`]. Each session still waits for its own
+//! answer and then does exactly what it did after its own check. As in the router's
+//! targeting, a batch does not linger for more items: that would only add latency to every
+//! delivery.
 
 use std::time::Duration;
 
@@ -25,17 +26,20 @@ pub(crate) struct Checks {
 }
 
 impl Checks {
-    /// `linger`: the bus's batch linger (`common.batch_linger_us`).
-    pub(crate) fn new(store: Store, linger: Duration) -> Self {
-        let batched = Batched::new(linger, MAX_BATCH, move |checks: Vec<CheckRequest>| {
-            let store = store.clone();
-            async move {
-                match store.pending_check_send_many(&checks, now_ms()).await {
-                    Ok(outcomes) => outcomes,
-                    Err(e) => checks.iter().map(|_| Err(e.for_another())).collect(),
+    pub(crate) fn new(store: Store) -> Self {
+        let batched = Batched::new(
+            Duration::ZERO,
+            MAX_BATCH,
+            move |checks: Vec<CheckRequest>| {
+                let store = store.clone();
+                async move {
+                    match store.pending_check_send_many(&checks, now_ms()).await {
+                        Ok(outcomes) => outcomes,
+                        Err(e) => checks.iter().map(|_| Err(e.for_another())).collect(),
+                    }
                 }
-            }
-        });
+            },
+        );
         Checks { batched }
     }
 

@@ -461,7 +461,7 @@ impl Service {
             .unwrap_or_else(|| format!("e{}", &uuid::Uuid::new_v4().simple().to_string()[..12]));
         let outbox = Outbox::new(bus.clone(), store.clone(), metrics.clone());
         let confirmations = confirm::Confirmations::new(store.clone(), bus.batch_linger());
-        let checks = check::Checks::new(store.clone(), bus.batch_linger());
+        let checks = check::Checks::new(store.clone());
         let edge = Arc::new(Edge {
             settings,
             domain: common.xmpp_domain.clone(),
