@@ -265,6 +265,12 @@ pub struct Args {
     #[arg(long)]
     pub http1: bool,
 
+    /// Worker threads of the bench's own clients (devices, sender, webhook receiver), a
+    /// runtime apart from the suite's; 0 runs them on the suite's runtime (the default before
+    /// 2026-11-23's fifth session).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub client_threads: usize,
+
     /// Listen address of the local webhook receiver (plain HTTP).
     #[arg(long, default_value = "127.0.0.1:0", value_name = "ADDR")]
     pub webhook_listen: String,

@@ -152,9 +152,26 @@ async fn main_inner(args: Args) -> anyhow::Result<Outcome> {
         s.soft.cancel();
         s.hard.cancel();
     });
-    let target = Target::open(&args).await?;
-    let outcome = run(&args, &target, &stop, open_files, load_start).await;
-    target.close().await;
+    let target = Arc::new(Target::open(&args).await?);
+    let outcome = match clients_runtime(args.client_threads)? {
+        // the clients' tasks (devices, sender, webhook receiver, the run itself) on their own
+        // thread(s); the suite's, started above, stay on this runtime
+        Some(clients) => {
+            let (a, t, s) = (Arc::new(args), target.clone(), stop.clone());
+            let run = clients.spawn(async move { run(&a, &t, &s, open_files, load_start).await });
+            let outcome = run
+                .await
+                .unwrap_or_else(|e| Err(anyhow::anyhow!("the clients' run ended: {e}")));
+            // a runtime must not be dropped where it would block this one
+            clients.shutdown_background();
+            outcome
+        }
+        None => run(&args, &target, &stop, open_files, load_start).await,
+    };
+    match Arc::into_inner(target) {
+        Some(target) => target.close().await,
+        None => eprintln!("warning: the target is still in use; not cleaned up"),
+    }
     match outcome {
         Ok(_) if stop.soft.is_cancelled() => {
             eprintln!("pushgate-bench: interrupted, the figures cover a partial run");
@@ -164,6 +181,28 @@ async fn main_inner(args: Args) -> anyhow::Result<Outcome> {
         Ok(false) => Ok(Outcome::Failed),
         Err(e) => Err(e),
     }
+}
+
+/// The runtime of the bench's own clients, `threads` worker threads (`None` for 0: they share
+/// the suite's runtime).
+///
+/// In-process, the suite and the clients would otherwise share one scheduler: every client
+/// task's wake-up (a device reading its stanza, the sender's next request) competes with the
+/// suite's on the same worker threads and moves work between them, which the suite does not
+/// pay in a deployment, where its clients are elsewhere. Their own thread keeps the clients'
+/// scheduling out of the suite's, as a separate process would, without a second process.
+fn clients_runtime(threads: usize) -> anyhow::Result<Option<tokio::runtime::Runtime>> {
+    if threads == 0 {
+        return Ok(None);
+    }
+    Ok(Some(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .thread_name("bench-clients")
+            .enable_all()
+            .build()
+            .context("starting the clients' runtime")?,
+    ))
 }
 
 /// How a run ended, for the exit code.

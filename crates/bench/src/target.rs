@@ -148,9 +148,10 @@ impl Target {
                 .with_context(|| format!("{name:?} is not a TLS server name"))?,
             edge_pid: None,
             description: format!(
-                "in-process suite, namespace {namespace}, NATS {nats}, batch linger {} µs, {}",
+                "in-process suite, namespace {namespace}, NATS {nats}, batch linger {} µs, {}, {}",
                 s.common.batch_linger_us,
-                http_version(args.http1)
+                http_version(args.http1),
+                clients(args.client_threads)
             ),
             backend: Backend::Pushgate {
                 api,
@@ -257,5 +258,14 @@ fn http_version(http1: bool) -> &'static str {
         "HTTP/1.1 (one connection per request in flight)"
     } else {
         "HTTP/2 (requests as streams of one connection)"
+    }
+}
+
+/// Where the bench's clients run, for the report.
+fn clients(threads: usize) -> String {
+    match threads {
+        0 => "clients on the suite's runtime".into(),
+        1 => "clients on a thread of their own".into(),
+        n => format!("clients on {n} threads of their own"),
     }
 }
