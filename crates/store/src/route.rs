@@ -15,7 +15,7 @@ use pushgate_core::{Device, Message};
 use redis::{Script, Value};
 
 use crate::ingress::{server_error, unexpected};
-use crate::scripts::MGET_PREFIXED;
+use crate::scripts::{ERR_TEXT, MGET_PREFIXED};
 use crate::{decode, Store, StoreError};
 
 /// A device the router targets for a message, with where it is live.
@@ -144,13 +144,7 @@ for i = 0, n - 1 do
   local a = 4 + i * 6
   local app = ARGV[a + 1] .. ':'
   local ok, r = pcall(target_open, KEYS[1 + i * 2], KEYS[2 + i * 2], ARGV[1] .. app, ARGV[2] .. app, ARGV[3] .. app, ARGV[4], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5], ARGV[a + 6])
-  if ok then
-    out[i + 1] = r
-  elseif type(r) == 'table' and r.err then
-    out[i + 1] = {-1, r.err}
-  else
-    out[i + 1] = {-1, tostring(r)}
-  end
+  if ok then out[i + 1] = r else out[i + 1] = {-1, err_text(r)} end
 end
 return out
 "#;
@@ -164,8 +158,11 @@ static TARGET_USER_DEVICES: LazyLock<Script> = LazyLock::new(|| {
     ))
 });
 /// As [`TARGET_USER_DEVICES`].
-static TARGET_MANY: LazyLock<Script> =
-    LazyLock::new(|| Script::new(&format!("{MGET_PREFIXED}{TARGET_LUA}{TARGET_MANY_LUA}")));
+static TARGET_MANY: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        "{MGET_PREFIXED}{ERR_TEXT}{TARGET_LUA}{TARGET_MANY_LUA}"
+    ))
+});
 
 /// One row of the script's answer: member id, record JSON, targeted, live, edge, session.
 type Row = (String, String, String, String, String, String);

@@ -149,13 +149,7 @@ local n = (#ARGV - 3) / 6
 for i = 0, n - 1 do
   local a = 3 + i * 6
   local ok, r = pcall(apply, KEYS[4 + i * 2], KEYS[5 + i * 2], KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[a + 1], ARGV[a + 2], ARGV[2], ARGV[3], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5], ARGV[a + 6])
-  if ok then
-    out[i + 1] = r
-  elseif type(r) == 'table' and r.err then
-    out[i + 1] = {-1, r.err, ''}
-  else
-    out[i + 1] = {-1, tostring(r), ''}
-  end
+  if ok then out[i + 1] = r else out[i + 1] = {-1, err_text(r), ''} end
 end
 return out
 "#;
@@ -269,15 +263,18 @@ for i = 0, n - 1 do
   local a = 5 + i * 5
   local k = 3 + i * 3
   local ok, r = pcall(check_send, KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[1], KEYS[2], KEYS[3], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[a + 4], ARGV[a + 5], ARGV[5])
-  if ok then
-    out[i + 1] = {'1', r}
-  elseif type(r) == 'table' and r.err then
-    out[i + 1] = {'-1', r.err}
-  else
-    out[i + 1] = {'-1', tostring(r)}
-  end
+  if ok then out[i + 1] = {'1', r} else out[i + 1] = {'-1', err_text(r)} end
 end
 return out
+"#;
+
+/// The text of what a failed `pcall` raised: a batched script's item fails alone, with the
+/// error its own call would have answered (a failed `redis.call` raises `{err = text}`).
+pub const ERR_TEXT: &str = r#"
+local function err_text(r)
+  if type(r) == 'table' and r.err then return r.err end
+  return tostring(r)
+end
 "#;
 
 /// `prefix .. id` for every id, in order (false where missing). MGET in slices, because
@@ -333,7 +330,10 @@ pub fn transition() -> String {
 
 /// The full source of the batched status change script.
 pub fn change_many() -> String {
-    format!("{}{PRELUDE_BODY}{CHANGE_MANY_BODY}", transition_table_lua())
+    format!(
+        "{}{PRELUDE_BODY}{ERR_TEXT}{CHANGE_MANY_BODY}",
+        transition_table_lua()
+    )
 }
 
 /// The full source of the hand-over check that also records `sent`.
@@ -347,7 +347,7 @@ pub fn pending_check_send() -> String {
 /// The full source of the batched hand-over check.
 pub fn pending_check_send_many() -> String {
     format!(
-        "{}{PRELUDE_BODY}{PENDING_CHECK_SEND_FN}{PENDING_CHECK_SEND_MANY_BODY}",
+        "{}{PRELUDE_BODY}{PENDING_CHECK_SEND_FN}{ERR_TEXT}{PENDING_CHECK_SEND_MANY_BODY}",
         transition_table_lua()
     )
 }
