@@ -475,16 +475,18 @@ async fn accept(ctx: &Ctx, app: &str, req: SendRequest) -> Result<SendResponse, 
             app: app.to_string(),
         })
         .inc_by(records.len() as u64);
-    let events: Vec<String> = records.iter().map(|(_, _, e)| e.clone()).collect();
-    let cmds: Vec<RouteCommand> = records
-        .iter()
-        .filter(|(_, s, _)| *s == Status::Enqueued)
-        .map(|(m, _, _)| RouteCommand {
-            message_id: m.id.clone(),
-            purpose: "route".into(),
-            message: Some(Box::new(m.clone())),
-        })
-        .collect();
+    let mut events = Vec::with_capacity(records.len());
+    let mut cmds = Vec::with_capacity(records.len());
+    for (m, status, ev) in records {
+        events.push(ev);
+        if status == Status::Enqueued {
+            cmds.push(RouteCommand {
+                message_id: m.id.clone(),
+                purpose: "route".into(),
+                message: Some(Box::new(m)),
+            });
+        }
+    }
     // events first, so `enqueued` is on the stream before anything a router does with it
     if let Err(e) = ctx.outbox.publish_events(&events).await {
         tracing::warn!(error = %e, "event publish deferred to the outbox sweeper");

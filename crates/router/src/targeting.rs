@@ -23,7 +23,7 @@ const MAX_BATCH: usize = 64;
 
 /// The router's targeting queue.
 pub(crate) struct Targeting {
-    batched: Batched<(Message, String), Result<Targeted, StoreError>>,
+    batched: Batched<TargetRequest, Result<Targeted, StoreError>>,
 }
 
 impl Targeting {
@@ -31,16 +31,9 @@ impl Targeting {
         let batched = Batched::new(
             Duration::ZERO,
             MAX_BATCH,
-            move |items: Vec<(Message, String)>| {
+            move |asked: Vec<TargetRequest>| {
                 let store = store.clone();
-                async move {
-                    let asked: Vec<TargetRequest<'_>> =
-                        items.iter().map(|(m, user)| (m, user.as_str())).collect();
-                    match store.target_many(&asked).await {
-                        Ok(outcomes) => outcomes,
-                        Err(e) => items.iter().map(|_| Err(e.for_another())).collect(),
-                    }
-                }
+                async move { StoreError::per_item(store.target_many(&asked).await, asked.len()) }
             },
         );
         Targeting { batched }
@@ -54,7 +47,7 @@ impl Targeting {
         user: &str,
     ) -> Result<Targeted, StoreError> {
         self.batched
-            .call((message.clone(), user.to_string()))
+            .call(TargetRequest::new(message, user))
             .await
             .unwrap_or_else(|| Err(StoreError::client("the targeting batch went unanswered")))
     }

@@ -66,6 +66,18 @@ impl StoreError {
         }
     }
 
+    /// The answers of a batched store call for its `n` callers: each item's own outcome, or
+    /// the call's error for every one of them.
+    pub fn per_item<T>(
+        outcome: Result<Vec<Result<T, StoreError>>, StoreError>,
+        n: usize,
+    ) -> Vec<Result<T, StoreError>> {
+        match outcome {
+            Ok(items) => items,
+            Err(e) => (0..n).map(|_| Err(e.for_another())).collect(),
+        }
+    }
+
     /// A failure on this side of the connection, described by `detail`.
     pub fn client(detail: &str) -> StoreError {
         StoreError::Redis(redis::RedisError::from((

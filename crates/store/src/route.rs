@@ -180,8 +180,32 @@ pub enum Targeted {
     Unjudged,
 }
 
-/// One message for [`Store::target_many`]: the message and the user it goes to.
-pub type TargetRequest<'a> = (&'a Message, &'a str);
+/// One message for [`Store::target_many`]: what targeting needs of it, without its content
+/// (a batch is queued across tasks, and a message's text and data need not travel with it).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TargetRequest {
+    pub app_id: String,
+    pub message_id: String,
+    /// The user the message goes to.
+    pub user_id: String,
+    /// Its score in the pending queues ([`Message::order_key`]).
+    pub score: i64,
+    /// The one device the message names, if it names one.
+    pub device_id: Option<String>,
+}
+
+impl TargetRequest {
+    /// The request for `m`, sent to `user`.
+    pub fn new(m: &Message, user: &str) -> Self {
+        TargetRequest {
+            app_id: m.app_id.clone(),
+            message_id: m.id.clone(),
+            user_id: user.to_string(),
+            score: m.order_key(),
+            device_id: m.device_id.clone(),
+        }
+    }
+}
 
 impl Store {
     /// Targets the message at its user's devices (all of them, or the one it names) and
@@ -259,7 +283,7 @@ impl Store {
     /// outer error is one every message met (Redis unreachable). An empty list costs nothing.
     pub async fn target_many(
         &self,
-        messages: &[TargetRequest<'_>],
+        messages: &[TargetRequest],
     ) -> Result<Vec<Result<Targeted, StoreError>>, StoreError> {
         if messages.is_empty() {
             return Ok(vec![]);
@@ -270,15 +294,15 @@ impl Store {
             .arg(self.keys.presence_root())
             // a key family's prefix is its key for the empty id, built by the same function
             .arg(self.keys.edge(""));
-        for (m, user) in messages {
-            inv.key(self.keys.user_devices(&m.app_id, user))
-                .key(self.keys.msg(&m.id))
-                .arg(&m.app_id)
-                .arg(*user)
-                .arg(&m.id)
-                .arg(m.order_key())
-                .arg(if m.device_id.is_some() { "1" } else { "0" })
-                .arg(m.device_id.as_deref().unwrap_or(""));
+        for r in messages {
+            inv.key(self.keys.user_devices(&r.app_id, &r.user_id))
+                .key(self.keys.msg(&r.message_id))
+                .arg(&r.app_id)
+                .arg(&r.user_id)
+                .arg(&r.message_id)
+                .arg(r.score)
+                .arg(if r.device_id.is_some() { "1" } else { "0" })
+                .arg(r.device_id.as_deref().unwrap_or(""));
         }
         let replies: Vec<(i64, Value)> = inv.invoke_async(&mut self.conn.clone()).await?;
         if replies.len() != messages.len() {
@@ -287,13 +311,13 @@ impl Store {
         Ok(messages
             .iter()
             .zip(replies)
-            .map(|((m, _), (code, reply))| match code {
+            .map(|(r, (code, reply))| match code {
                 2 => Ok(Targeted::Closed),
                 0 => Ok(Targeted::Unjudged),
                 1 => {
                     let rows: Vec<Row> =
                         redis::from_redis_value(reply).map_err(redis::RedisError::from)?;
-                    self.targets_from(&m.app_id, rows).map(Targeted::Devices)
+                    self.targets_from(&r.app_id, rows).map(Targeted::Devices)
                 }
                 -1 => match reply {
                     Value::BulkString(text) => Err(server_error(&text)),
@@ -595,7 +619,7 @@ mod tests {
         let _: () = c.sadd(s.keys().user_devices(APP, "v"), "bad").await?;
         let _: () = c.set(s.keys().device(APP, "bad"), "{not json").await?;
 
-        let asked: Vec<TargetRequest<'_>> = vec![
+        let asked: Vec<TargetRequest> = [
             (&open[0], "u"),
             (&cancelled, "u"),
             (&sent[0], "u"),
@@ -604,7 +628,10 @@ mod tests {
             (&erased, "u"),
             (&other_app[0], "u"),
             (&unjudged, "v"),
-        ];
+        ]
+        .into_iter()
+        .map(|(m, user)| TargetRequest::new(m, user))
+        .collect();
         let got = s.target_many(&asked).await?;
         assert_eq!(got.len(), asked.len());
         for (i, twins) in [(0, &open), (2, &sent), (4, &nobody), (6, &other_app)] {

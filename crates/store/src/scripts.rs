@@ -204,8 +204,7 @@ return out
 ///
 /// `check_send(pending queue, msg, history, outbox:evt, expiry, outbox:cmd, id, after
 /// (`'-inf'` or the mark), limit, pending_root, now_ms, now_txt, channel, device,
-/// expires_at_ms, open statuses (`,a,b,`))`; the one-check script takes the first six as its
-/// KEYS and the rest as its ARGV.
+/// expires_at_ms, open statuses (`,a,b,`))`, run by [`PENDING_CHECK_SEND_MANY_BODY`].
 /// Returns `{}` when not pending, else `{score, status, sent, event, older ids…}` where `sent`
 /// is `''` (not decided: the caller decides), `'1'` (`sent` applied; `event` is its event
 /// JSON) or `'0'` (write it, but `sent` was already recorded: no event).
@@ -241,13 +240,8 @@ local function check_send(pkey, mkey, hkey, evtkey, expkey, cmdkey, id, after, l
 end
 "#;
 
-/// One check: `check_send` on the script's keys and arguments.
-const PENDING_CHECK_SEND_BODY: &str = r#"
-return check_send(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10])
-"#;
-
-/// Several sessions' checks at one instant, each exactly as [`PENDING_CHECK_SEND_BODY`] would
-/// run it: a busy edge gets many hand-overs at once (the router batches them per edge), and
+/// Several sessions' checks at one instant (one check is a batch of one), each `check_send`
+/// in order, as separate calls one after the other would run them: a busy edge gets many hand-overs at once (the router batches them per edge), and
 /// one script call for all of their checks costs Redis one request and one script run
 /// instead of one each.
 ///
@@ -332,14 +326,6 @@ pub fn transition() -> String {
 pub fn change_many() -> String {
     format!(
         "{}{PRELUDE_BODY}{ERR_TEXT}{CHANGE_MANY_BODY}",
-        transition_table_lua()
-    )
-}
-
-/// The full source of the hand-over check that also records `sent`.
-pub fn pending_check_send() -> String {
-    format!(
-        "{}{PRELUDE_BODY}{PENDING_CHECK_SEND_FN}{PENDING_CHECK_SEND_BODY}",
         transition_table_lua()
     )
 }

@@ -4,8 +4,9 @@
 //! to ask Redis before writing the stanza is whether the message still waits for the device
 //! (it may have been confirmed, expired or cancelled meanwhile), its status, and whether older
 //! messages wait that the session has not written yet (acceptance order). One script
-//! (`scripts::pending_check_send`) answers all three at once and, when the message is simply
-//! the next one to write, records `sent` in the same step.
+//! (`scripts::pending_check_send_many`, for one session or several) answers all three at
+//! once and, when the message is simply the next one to write, records `sent` in the same
+//! step.
 
 use std::sync::LazyLock;
 
@@ -17,9 +18,6 @@ use crate::{scripts, Store, StoreError};
 
 /// The script, hashed once per process (the `Store` struct holds the scripts every service
 /// uses; this one only the edge needs).
-static PENDING_CHECK_SEND: LazyLock<Script> =
-    LazyLock::new(|| Script::new(&scripts::pending_check_send()));
-/// As [`PENDING_CHECK_SEND`].
 static PENDING_CHECK_SEND_MANY: LazyLock<Script> =
     LazyLock::new(|| Script::new(&scripts::pending_check_send_many()));
 
@@ -106,31 +104,19 @@ impl Store {
         expires_at: i64,
         now_ms: i64,
     ) -> Result<Option<PendingCheck>, StoreError> {
-        let pending = self.keys.pending(app, device);
-        let after = match after {
-            None => "-inf".to_string(),
-            Some(a) => a.to_string(),
+        // one check is a batch of one: a single script serves both
+        let check = CheckRequest {
+            app: app.to_string(),
+            device: device.to_string(),
+            id: id.to_string(),
+            after,
+            limit,
+            expires_at,
         };
-        let raw: Vec<String> = PENDING_CHECK_SEND
-            .key(&pending)
-            .key(self.keys.msg(id))
-            .key(self.keys.history(id))
-            .key(self.keys.outbox_evt())
-            .key(self.keys.expiry())
-            .key(self.keys.outbox_cmd())
-            .arg(id)
-            .arg(after)
-            .arg(limit)
-            .arg(self.keys.pending_root())
-            .arg(now_ms)
-            .arg(pushgate_core::time::rfc3339(now_ms))
-            .arg("xmpp")
-            .arg(device)
-            .arg(expires_at)
-            .arg(OPEN.as_str())
-            .invoke_async(&mut self.conn.clone())
-            .await?;
-        parse_check(&self.keys.msg(id), &pending, raw)
+        self.pending_check_send_many(std::slice::from_ref(&check), now_ms)
+            .await?
+            .pop()
+            .unwrap_or_else(|| Err(unexpected("pending_check_send")))
     }
 
     /// Several sessions' [`Store::pending_check_send`] at `now_ms` in one round trip: entry

@@ -33,10 +33,10 @@ impl Checks {
             move |checks: Vec<CheckRequest>| {
                 let store = store.clone();
                 async move {
-                    match store.pending_check_send_many(&checks, now_ms()).await {
-                        Ok(outcomes) => outcomes,
-                        Err(e) => checks.iter().map(|_| Err(e.for_another())).collect(),
-                    }
+                    StoreError::per_item(
+                        store.pending_check_send_many(&checks, now_ms()).await,
+                        checks.len(),
+                    )
                 }
             },
         );

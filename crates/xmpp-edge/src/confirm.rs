@@ -44,10 +44,7 @@ impl Confirmations {
                         command: None,
                     })
                     .collect();
-                match store.change_many(&changes, now_ms()).await {
-                    Ok(outcomes) => outcomes,
-                    Err(e) => items.iter().map(|_| Err(e.for_another())).collect(),
-                }
+                StoreError::per_item(store.change_many(&changes, now_ms()).await, items.len())
             }
         });
         Confirmations { batched }
